@@ -1,0 +1,269 @@
+"""Budget arithmetic (pure) and the daily ledger shared by jobs (a locked JSON file per day).
+
+Both count money in integers (pico-USD in ``BudgetBook``, nano-USD in the ledger's
+files) so that hundreds of reserve/settle/release calls add up exactly: a float sum
+drifts, and a cap compared against a drifting sum can be overshot by the drift.
+
+Guarantee of ``BudgetBook``: ``spent + reserved <= cap`` after every ``try_reserve``,
+as long as each request settles at most what it reserved. A provider that bills a
+few more prompt tokens than we estimated breaks that premise; ``settle`` then records
+the real cost anyway (the money is gone) and counts the excess in ``overrun_usd``.
+Reserving ``worst_case_usd(..., margin=0.02)`` (1.02x the prompt estimate) absorbs
+tokenizer differences of up to 2% so that overruns do not occur in practice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from batchrun.errors import SpecError
+
+__all__ = ["DEFAULT_MARGIN", "BudgetBook", "DailyLedger"]
+
+DEFAULT_MARGIN = 0.02  # suggested prompt-estimate margin for non-OpenAI tokenizers
+_PICO = 10**12
+_NANO = 10**9
+_UTC = UTC
+
+
+def _units(usd: float, unit: int, *, up: bool = True) -> int:
+    """USD to integer units, rounded up (a cost is never under-counted) or down (a cap).
+
+    A float within a few ulps of an integer count is that integer, so that an amount
+    that came out of these units (``cost_usd``, a ledger grant) converts back to
+    exactly the units it came from, and reserve/release always agree.
+    """
+    if not usd >= 0:  # also rejects NaN
+        raise ValueError(f"amount must be a non-negative number of USD, got {usd!r}")
+    scaled = usd * unit
+    near = round(scaled)
+    if abs(scaled - near) <= 4 * math.ulp(scaled):
+        return near
+    return math.ceil(scaled) if up else math.floor(scaled)
+
+
+class BudgetBook:
+    """Reservations against one job's cap, in exact integer pico-USD.
+
+    Not tied to any I/O: the runner calls it from one place (a coordinator or one
+    event loop); a lock makes it safe from threads too. ``max_cost_usd=None`` means
+    no cap (everything is still counted, for the report).
+    """
+
+    def __init__(self, max_cost_usd: float | None) -> None:
+        self._cap = None if max_cost_usd is None else _units(max_cost_usd, _PICO, up=False)
+        self._spent = 0
+        self._reserved = 0
+        self._overrun = 0
+        self._overruns = 0
+        self._lock = threading.Lock()
+
+    def try_reserve(self, usd: float) -> bool:
+        """Reserve the worst case of one request; False when it would break the cap."""
+        units = _units(usd, _PICO)
+        with self._lock:
+            if self._cap is not None and self._spent + self._reserved + units > self._cap:
+                return False
+            self._reserved += units
+            return True
+
+    def settle(self, reserved_usd: float, actual_usd: float) -> None:
+        """A request came back: release its reservation and add what it really cost."""
+        res, act = _units(reserved_usd, _PICO), _units(actual_usd, _PICO)
+        with self._lock:
+            self._take_back(res)
+            self._spent += act
+            if act > res:
+                self._overrun += act - res
+                self._overruns += 1
+
+    def release(self, reserved_usd: float) -> None:
+        """A request was not sent, or failed without being billed."""
+        res = _units(reserved_usd, _PICO)
+        with self._lock:
+            self._take_back(res)
+
+    def _take_back(self, units: int) -> None:
+        if units > self._reserved:
+            # More than is reserved means a double release/settle (a caller bug);
+            # going on would understate what is in flight and let the cap be overshot.
+            raise ValueError("release/settle of more than is reserved")
+        self._reserved -= units
+
+    @property
+    def cap(self) -> float | None:
+        return None if self._cap is None else self._cap / _PICO
+
+    @property
+    def spent(self) -> float:
+        return self._spent / _PICO
+
+    @property
+    def reserved(self) -> float:
+        return self._reserved / _PICO
+
+    @property
+    def remaining(self) -> float:
+        """What can still be reserved (infinite without a cap)."""
+        if self._cap is None:
+            return math.inf
+        return max(0, self._cap - self._spent - self._reserved) / _PICO
+
+    @property
+    def overrun_usd(self) -> float:
+        """Total billed above the reservations (provider counted more than estimated)."""
+        return self._overrun / _PICO
+
+    @property
+    def overruns(self) -> int:
+        return self._overruns
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise SpecError(
+            f"budget.timezone: unknown time zone {name!r}; use an IANA name like Europe/Berlin"
+        ) from None
+
+
+class DailyLedger:
+    """A per-day spending cap shared by every job writing to the same folder.
+
+    Layout: ``<folder>/ledger.lock`` (taken with ``fcntl.flock`` around every
+    read-modify-write) and ``<folder>/<YYYY-MM-DD>.json`` per day, the date counted in
+    ``timezone``: ``{"date", "timezone", "jobs": {job_id: {"spent_nusd", "reserved_nusd"}}}``
+    (integers, nano-USD). Jobs reserve in chunks (``reserve_chunk``) and spend them
+    from a local ``BudgetBook``, so the hot path takes no file lock per request.
+
+    A settle is charged to the day its chunk was reserved on: a chunk taken at 23:59
+    counts against that day's allowance, so neither day can exceed ``daily_usd``.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        timezone: str,
+        daily_usd: float | None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.tz = _zone(timezone)
+        self._cap = None if daily_usd is None else _units(daily_usd, _NANO, up=False)
+        self._clock = clock or (lambda: datetime.now(tz=_UTC))
+        self._open_days: dict[str, set[str]] = {}
+
+    def day_key(self, now: datetime | None = None) -> str:
+        """The ledger day of ``now`` (default: the injected clock) in the ledger's zone."""
+        t = now if now is not None else self._clock()
+        if t.tzinfo is None:
+            raise ValueError("day_key needs an aware datetime (naive times are ambiguous)")
+        return t.astimezone(self.tz).date().isoformat()
+
+    def reserve_chunk(self, job_id: str, usd: float) -> float:
+        """Reserve up to ``usd`` of today's remaining allowance; returns what was granted."""
+        want = _units(usd, _NANO)
+        day = self.day_key()
+        with self._locked():
+            doc = self._read(day)
+            rem = want if self._cap is None else max(0, self._cap - _total(doc))
+            grant = min(want, rem)
+            if grant:
+                self._job(doc, job_id)["reserved_nusd"] += grant
+                self._write(day, doc)
+                self._open_days.setdefault(job_id, set()).add(day)
+        return grant / _NANO
+
+    def settle(self, job_id: str, reserved: float, actual: float) -> None:
+        """Move ``reserved`` of the job's chunk to spent, as ``actual`` (the real cost)."""
+        res, act = _units(reserved, _NANO), _units(actual, _NANO)
+        with self._locked():
+            day = self._settle_day(job_id)
+            doc = self._read(day)
+            job = self._job(doc, job_id)
+            job["reserved_nusd"] = max(0, job["reserved_nusd"] - res)
+            job["spent_nusd"] += act
+            self._write(day, doc)
+
+    def release_all(self, job_id: str) -> float:
+        """Return every unused reservation of ``job_id`` (job end, or crash recovery by
+        a new process: all day files are scanned). Returns the USD released."""
+        released = 0
+        with self._locked():
+            for path in sorted(self.folder.glob("????-??-??.json")):
+                doc = self._read(path.stem)
+                job = doc["jobs"].get(job_id)
+                if job and job["reserved_nusd"]:
+                    released += job["reserved_nusd"]
+                    job["reserved_nusd"] = 0
+                    self._write(path.stem, doc)
+        self._open_days.pop(job_id, None)
+        return released / _NANO
+
+    def totals(self, day: str | None = None) -> dict[str, float]:
+        """``{"spent", "reserved", "remaining"}`` of a day (default today), USD."""
+        key = day or self.day_key()
+        with self._locked():
+            doc = self._read(key)
+        spent = sum(j["spent_nusd"] for j in doc["jobs"].values())
+        reserved = sum(j["reserved_nusd"] for j in doc["jobs"].values())
+        remaining = math.inf if self._cap is None else max(0, self._cap - spent - reserved) / _NANO
+        return {"spent": spent / _NANO, "reserved": reserved / _NANO, "remaining": remaining}
+
+    # -- file handling ---------------------------------------------------------------
+
+    def _settle_day(self, job_id: str) -> str:
+        # The oldest day this process reserved on and still holds a reservation for;
+        # else today (a settle without a known chunk is still recorded, never lost).
+        for day in sorted(self._open_days.get(job_id, ())):
+            job = self._read(day)["jobs"].get(job_id)
+            if job and job["reserved_nusd"] > 0:
+                return day
+        return self.day_key()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.folder / "ledger.lock", "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _read(self, day: str) -> dict[str, Any]:
+        try:
+            doc: dict[str, Any] = json.loads((self.folder / f"{day}.json").read_text())
+        except FileNotFoundError:
+            doc = {"date": day, "timezone": str(self.tz), "jobs": {}}
+        return doc
+
+    def _write(self, day: str, doc: dict[str, Any]) -> None:
+        # Write-then-rename: a crash mid-write leaves the previous day file intact.
+        path = self.folder / f"{day}.json"
+        tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _job(doc: dict[str, Any], job_id: str) -> dict[str, int]:
+        job: dict[str, int] = doc["jobs"].setdefault(job_id, {"spent_nusd": 0, "reserved_nusd": 0})
+        return job
+
+
+def _total(doc: dict[str, Any]) -> int:
+    return sum(j["spent_nusd"] + j["reserved_nusd"] for j in doc["jobs"].values())

@@ -1,0 +1,128 @@
+"""The ``batchrun`` command line (typer). Commands stay thin: parse, call, print.
+
+Every ``BatchrunError`` becomes one line on stderr and the error's exit code
+(2 for bad input), with no traceback; anything else is a bug and shows one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from batchrun.errors import BatchrunError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Batch inference over OpenAI-compatible APIs on Ray.")
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def clean_errors(fn: F) -> F:
+    """Turn batchrun's own errors into one line and an exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BatchrunError as e:
+            err_console.print(f"[red]batchrun: error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(getattr(e, "exit_code", 1)) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False)])
+
+
+@app.callback()
+def _root() -> None:
+    """Batch inference over OpenAI-compatible APIs on Ray."""
+
+
+@app.command(
+    "mock-server", add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def mock_server(ctx: typer.Context) -> None:
+    """The simulated OpenAI-compatible provider (see --help for its limits and faults)."""
+    from batchrun.mockserver.run import main as mock_main
+
+    raise typer.Exit(mock_main(list(ctx.args)))
+
+
+@app.command()
+@clean_errors
+def run(
+    spec: str = typer.Argument(..., help="Job spec YAML."),
+    address: str = typer.Option(None, "--address", help="Ray cluster to join (or RAY_ADDRESS)."),
+    retry_errors: bool = typer.Option(False, "--retry-errors",
+                                      help="Re-send rows that ended in error."),
+    ds: str = typer.Option(None, "--ds", help="Run date substituted for {ds} in paths."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    no_dashboard: bool = typer.Option(False, "--no-dashboard", help="Local Ray without dashboard."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """Run or resume a job; results and summary.json go to the spec's output folder."""
+    from batchrun.runner import RunOptions, run_job
+    from batchrun.summary import render_summary
+
+    _logging(verbose)
+    opts = RunOptions(address=address, retry_errors=retry_errors, ds=ds,
+                      progress=not no_progress and sys.stderr.isatty(),
+                      include_dashboard=False if no_dashboard else None)
+    summary = run_job(spec, opts)
+    if summary.rows_this_run == 0 and summary.unsent == 0:
+        err_console.print(f"job {summary.job} is already complete: nothing to send")
+    if as_json:
+        print(json.dumps(summary.model_dump(), indent=2))
+    else:
+        Console().print(render_summary(summary))
+
+
+def main() -> None:
+    app(prog_name="batchrun")
+
+
+@app.command()
+@clean_errors
+def estimate(
+    spec: str = typer.Argument(..., help="Job spec YAML."),
+    compare: bool = typer.Option(False, "--compare", help="Price the job on every model."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ds: str = typer.Option(None, "--ds", help="Run date substituted for {ds} in paths."),
+    sample: int = typer.Option(None, "--sample", help="Count tokens on N sampled rows."),
+    output_ratio: float = typer.Option(0.5, "--output-ratio",
+                                       help="Expected output tokens as a share of max_tokens."),
+) -> None:
+    """Rows, tokens, worst-case and expected cost, and duration: nothing is sent."""
+    from batchrun.estimate import estimate_command
+
+    raise typer.Exit(estimate_command(spec, compare, as_json, ds=ds,
+                                      sample_rows=sample if sample else "auto",
+                                      expected_output_ratio=output_ratio))
+
+
+def _mount_subcommands() -> None:
+    # commcheck and the scheduler keep their own modules; they import their heavy
+    # dependencies (torch, croniter) only when run.
+    from batchrun.commcheck.cli import commcheck
+    from batchrun.scheduler_cli import schedule_app, scheduler_command
+
+    app.command("commcheck")(commcheck)
+    app.command("scheduler")(clean_errors(scheduler_command))
+    app.add_typer(schedule_app, name="schedule")
+
+
+_mount_subcommands()

@@ -1,0 +1,139 @@
+"""One chat-completion attempt over a long-lived aiohttp session.
+
+This is the one boundary where aiohttp errors become batchrun errors, classified
+by status code and exception class, never by message text:
+
+    200 + valid JSON          -> Completion
+    200 + bad/partial JSON    -> RetryableError(malformed_body)
+    429                       -> RateLimited(retry_after from Retry-After / retry-after-ms)
+    408, 409, 5xx             -> RetryableError(http_<code>)
+    other 4xx                 -> FatalRequestError(http_<code>)
+    timeout                   -> RetryableError(timeout)
+    reset / disconnect        -> RetryableError(connection)
+    body over the size cap    -> FatalRequestError(response_too_large)
+
+Error messages carry the status and the provider's error text, never request
+headers, so the API key cannot leak through an exception.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from batchrun.errors import FatalRequestError, RateLimited, RetryableError
+from batchrun.spec import EndpointSpec
+
+__all__ = ["ChatClient", "Completion", "open_session"]
+
+_RETRYABLE_4XX = {408, 409}
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def open_session(endpoint: EndpointSpec, concurrency: int) -> aiohttp.ClientSession:
+    """The worker's one session: a connection per request in flight, reused across rows."""
+    connector = aiohttp.TCPConnector(limit=concurrency + 8, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(
+        total=endpoint.read_timeout_s, sock_connect=endpoint.connect_timeout_s
+    )
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+
+
+def _retry_after(headers: Any) -> float | None:
+    for name, scale in (("retry-after-ms", 1e-3), ("Retry-After", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            continue  # an HTTP date: rare from LLM APIs; fall back to our own backoff
+    return None
+
+
+def _provider_message(body: bytes) -> str:
+    try:
+        err = json.loads(body).get("error", {})
+        msg = err.get("message") if isinstance(err, dict) else str(err)
+        return str(msg)[:300] if msg else body[:200].decode("utf-8", "replace")
+    except (ValueError, AttributeError):
+        return body[:200].decode("utf-8", "replace")
+
+
+def _parse(body: bytes) -> Completion:
+    try:
+        doc = json.loads(body)
+        choice = doc["choices"][0]
+        usage = doc.get("usage") or {}
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+        return Completion(
+            text=choice["message"].get("content"),
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=int(usage.get("total_tokens") or prompt + completion),
+        )
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise RetryableError(
+            f"malformed response body ({type(e).__name__})", status=200, error_type="malformed_body"
+        ) from None
+
+
+class ChatClient:
+    """Sends chat completions to ``base_url`` with the key in a header, nowhere else."""
+
+    def __init__(self, session: aiohttp.ClientSession, endpoint: EndpointSpec, api_key: str | None):
+        self._session = session
+        self._url = endpoint.base_url + "/chat/completions"
+        self._max_bytes = endpoint.max_response_bytes
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        if (resp.content_length or 0) > self._max_bytes:
+            raise FatalRequestError(
+                f"response of {resp.content_length} bytes exceeds the "
+                f"{self._max_bytes}-byte cap", status=resp.status, error_type="response_too_large")
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise FatalRequestError(
+                    f"response exceeds the {self._max_bytes}-byte cap",
+                    status=resp.status, error_type="response_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        """One attempt; raises a ``RequestError`` subclass on any failure."""
+        try:
+            async with self._session.post(self._url, json=body, headers=self._headers) as resp:
+                raw = await self._read_capped(resp)
+                status = resp.status
+                headers = resp.headers
+        except TimeoutError:
+            raise RetryableError("request timed out", error_type="timeout") from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+            raise RetryableError(
+                f"connection failed: {type(e).__name__}", error_type="connection") from None
+        if status == 200:
+            return _parse(raw)
+        message = f"HTTP {status}: {_provider_message(raw)}"
+        if status == 429:
+            raise RateLimited(message, retry_after=_retry_after(headers))
+        if status >= 500 or status in _RETRYABLE_4XX:
+            raise RetryableError(message, status=status, error_type=f"http_{status}")
+        raise FatalRequestError(message, status=status, error_type=f"http_{status}")

@@ -1,0 +1,99 @@
+"""The driver's event loop: hand shards to workers, write what they stream back.
+
+Each worker runs two shards at a time, so its requests keep flowing across a
+shard boundary. Every table a worker yields is written as a checkpoint part
+before the next is awaited; when the stream ends the shard's parts are merged
+into its final file, which must then hold one row per input row, or the shard
+runs again for the rows it lacks. A worker that dies (Ray restarts it) or goes
+silent past ``STALL_S`` costs only its in-flight rows: the shard is re-sent
+minus every id already written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.exceptions import RayActorError
+
+from batchrun.errors import ClusterError
+from batchrun.shards import Shard
+from batchrun.writer import ResultsStore
+
+__all__ = ["Dispatcher", "ShardPlan"]
+
+log = logging.getLogger("batchrun")
+
+SHARDS_PER_WORKER = 2
+STALL_S = 120.0  # a worker heartbeats every flush interval; this long silent is a hang
+MAX_SHARD_TRIES = 5
+
+
+@dataclass
+class ShardPlan:
+    """A shard still to run, and the ids a previous run already answered."""
+
+    shard: Shard
+    skip: set[str] = field(default_factory=set)
+
+
+class Dispatcher:
+    def __init__(self, workers: list[Any], store: ResultsStore,
+                 on_rows: Callable[[int], None]):
+        self._workers = workers
+        self._store = store
+        self._on_rows = on_rows
+        self.worker_restarts = 0
+
+    async def run(self, plans: list[ShardPlan]) -> None:
+        queue = deque(plans)
+
+        async def lane(worker: Any) -> None:
+            while queue:
+                await self._run_shard(worker, queue.popleft())
+
+        async with asyncio.TaskGroup() as tg:
+            for w in self._workers:
+                for _ in range(SHARDS_PER_WORKER):
+                    tg.create_task(lane(w))
+
+    async def _stream(self, worker: Any, plan: ShardPlan) -> None:
+        name = plan.shard.name
+        gen = worker.run_shard.options(num_returns="streaming").remote(plan.shard, plan.skip)
+        it = gen.__aiter__()
+        while True:
+            try:
+                ref = await asyncio.wait_for(it.__anext__(), STALL_S)
+            except StopAsyncIteration:
+                return
+            table: pa.Table = await asyncio.wait_for(ref, STALL_S)
+            if table.num_rows:
+                await asyncio.to_thread(self._store.write_part, name, table)
+                plan.skip.update(table["id"].to_pylist())
+                self._on_rows(table.num_rows)
+
+    async def _run_shard(self, worker: Any, plan: ShardPlan) -> None:
+        for _ in range(MAX_SHARD_TRIES):
+            try:
+                await self._stream(worker, plan)
+            except (TimeoutError, RayActorError) as e:
+                # Ray restarts the actor; the same handle reaches the new one
+                self.worker_restarts += 1
+                log.warning("worker lost on %s (%s); re-sending its unanswered rows",
+                            plan.shard.name, type(e).__name__)
+                if isinstance(e, asyncio.TimeoutError):
+                    ray.kill(worker, no_restart=False)
+                continue
+            rows = await asyncio.to_thread(self._store.finalize, plan.shard.name)
+            if rows >= plan.shard.num_rows:
+                return
+            log.warning("%s has %d of %d rows; running it again for the rest",
+                        plan.shard.name, rows, plan.shard.num_rows)
+        raise ClusterError(f"{plan.shard.name}: gave up after {MAX_SHARD_TRIES} tries; "
+                           "rerun the same command to resume")

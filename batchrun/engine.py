@@ -1,0 +1,117 @@
+"""One row in, exactly one result record out: permits, attempts, backoff.
+
+Plain asyncio, no Ray: the worker actor wraps it, and tests drive it against a
+real loopback server. Every path through ``RowRunner.run`` returns a record;
+nothing but cancellation escapes it, so a bad row can never crash a shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from batchrun.client import ChatClient, Completion
+from batchrun.errors import FatalRequestError, RateLimited, RequestError, RetryableError
+from batchrun.permits import PermitPool, PermitTooLarge
+from batchrun.pricing import ModelPrice, cost_usd
+from batchrun.shards import RequestRow
+from batchrun.spec import JobSpec, RetrySpec
+
+__all__ = ["RowRunner", "backoff_s"]
+
+
+def backoff_s(attempt: int, policy: RetrySpec, rng: random.Random) -> float:
+    """Full jitter (AWS): uniform in [0, min(cap, base * 2^(attempt-1))]."""
+    ceiling = min(policy.backoff_cap_s, policy.backoff_base_s * 2 ** (attempt - 1))
+    return rng.uniform(0.0, ceiling)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class RowRunner:
+    """Sends rows of one job through one client under the shared permits."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        client: ChatClient,
+        permits: PermitPool,
+        *,
+        pause_all: Callable[[float], None],
+        token_cost: Callable[[list[dict[str, Any]]], float] | None = None,
+        price: ModelPrice | None = None,
+        rng: random.Random | None = None,
+    ):
+        self._spec = spec
+        self._client = client
+        self._permits = permits
+        self._pause_all = pause_all
+        self._token_cost = token_cost
+        self._price = price
+        self._rng = rng or random.Random()
+        self._fields = spec.generation.request_fields()
+
+    def _record(self, row: RequestRow, started: datetime, **kw: Any) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "id": row.id, "model": self._spec.model, "status": "ok", "attempts": 0,
+            "started_at": started, "finished_at": _now(), "wait_ms": 0.0, **row.carry,
+        }
+        rec.update(kw)
+        return rec
+
+    def _ok(self, row: RequestRow, started: datetime, c: Completion, **kw: Any) -> dict[str, Any]:
+        return self._record(
+            row, started, response=c.text, finish_reason=c.finish_reason,
+            prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+            total_tokens=c.total_tokens,
+            cost_usd=cost_usd(self._price, c.prompt_tokens, c.completion_tokens)
+            if self._price else None, **kw,
+        )
+
+    async def run(self, row: RequestRow) -> dict[str, Any]:
+        """Attempts until success, a fatal error or ``max_attempts``; always a record."""
+        started = _now()
+        if row.messages is None:
+            return self._record(row, started, status="error", error_type="bad_row",
+                                error_message=row.error)
+        body = {"model": self._spec.model, "messages": row.messages, **self._fields}
+        cost = self._token_cost(row.messages) if self._token_cost else 1.0
+        wait = 0.0
+        last: RequestError | None = None
+        for attempt in range(1, self._spec.retry.max_attempts + 1):
+            try:
+                wait += await self._permits.acquire(cost)
+            except PermitTooLarge as e:
+                return self._record(row, started, status="error", error_type="too_many_tokens",
+                                    error_message=str(e), wait_ms=wait * 1e3)
+            t0 = time.perf_counter()
+            try:
+                c = await self._client.complete(body)
+                return self._ok(row, started, c, attempts=attempt, wait_ms=wait * 1e3,
+                                latency_ms=(time.perf_counter() - t0) * 1e3)
+            except FatalRequestError as e:
+                last = e
+                break
+            except RetryableError as e:
+                last = e
+                if attempt < self._spec.retry.max_attempts:
+                    await asyncio.sleep(self._delay(e, attempt))
+        assert last is not None
+        return self._record(
+            row, started, status="error", error_type=last.error_type, error_message=str(last),
+            attempts=attempt, wait_ms=wait * 1e3,
+        )
+
+    def _delay(self, e: RetryableError, attempt: int) -> float:
+        delay = backoff_s(attempt, self._spec.retry, self._rng)
+        if isinstance(e, RateLimited):
+            pause = e.retry_after if e.retry_after is not None else delay
+            self._pause_all(pause)  # every worker holds its sends, not only this one
+            delay = max(delay, pause)
+        return delay

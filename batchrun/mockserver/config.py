@@ -1,0 +1,126 @@
+"""Settings of the simulated provider, and their round trip through command-line flags.
+
+Every field carries its flag in ``metadata`` so that the argparse parser (``add_arguments``)
+and the reverse direction (``MockConfig.to_argv``, used to spawn the server as a
+subprocess) are generated from one table and cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["DEFAULT_MODELS", "DEFAULT_OVERSIZE_BYTES", "MockConfig", "add_arguments"]
+
+DEFAULT_MODELS: tuple[str, ...] = ("gpt-4.1-mini", "gpt-4.1", "gpt-4o-mini")
+DEFAULT_OVERSIZE_BYTES = 8 * 1024 * 1024
+
+_RATE_FIELDS = ("fail_rate", "reset_rate", "malformed_rate", "nonjson_rate", "oversize_rate")
+
+
+def _opt(flag: str, help_: str, default: Any) -> Any:
+    return field(default=default, metadata={"flag": flag, "help": help_})
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    """What the simulated provider enforces and which faults it injects (all off by default).
+
+    ``rpm``/``tpm`` of 0 mean unlimited. Fault rates are fractions of the requests that
+    pass the rate limiter; their sum must not exceed 1.
+    """
+
+    rpm: int = _opt("--rpm", "requests per minute (0: unlimited)", 0)
+    tpm: int = _opt("--tpm", "tokens per minute, prompt + max_tokens (0: unlimited)", 0)
+    strict: bool = _opt("--no-strict", "use only the 60 s window, not also RPM/6 per 10 s", True)
+    latency_ms: float = _opt("--latency-ms", "delay before each accepted answer", 0.0)
+    latency_jitter_ms: float = _opt("--latency-jitter-ms", "extra uniform delay 0..J ms", 0.0)
+    fail_rate: float = _opt("--fail-rate", "share answered 500/502/503", 0.0)
+    reset_rate: float = _opt("--reset-rate", "share whose connection is reset", 0.0)
+    malformed_rate: float = _opt("--malformed-rate", "share answered 200 with bad JSON", 0.0)
+    nonjson_rate: float = _opt("--nonjson-rate", "share answered 502 text/html", 0.0)
+    oversize_rate: float = _opt("--oversize-rate", "share answered with a huge 200 body", 0.0)
+    oversize_bytes: int = _opt("--oversize-bytes", "minimum size of an oversize body",
+                                 DEFAULT_OVERSIZE_BYTES)
+    storm_every: float = _opt("--storm-every", "seconds between 429 storms (0: none)", 0.0)
+    storm_seconds: float = _opt("--storm-seconds", "length of each 429 storm", 0.0)
+    api_key: str | None = _opt("--api-key", "required bearer key (default: none)", None)
+    seed: int = _opt("--seed", "seed of the deterministic fault draw", 0)
+    models: tuple[str, ...] = _opt("--model", "model listed by /v1/models (repeatable)",
+                                   DEFAULT_MODELS)
+    unknown_models: tuple[str, ...] = _opt("--unknown-model", "model answered 404 (repeatable)",
+                                           ())
+    ledger_file: str | None = _opt("--ledger-file", "append ledger records as JSON lines", None)
+
+    def __post_init__(self) -> None:
+        # Lists given by callers become tuples so the config stays hashable and frozen.
+        for name in ("models", "unknown_models"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.rpm < 0 or self.tpm < 0:
+            raise ValueError("rpm and tpm must be >= 0")
+        rates = [getattr(self, name) for name in _RATE_FIELDS]
+        if any(not 0.0 <= r <= 1.0 for r in rates) or sum(rates) > 1.0 + 1e-9:
+            raise ValueError("fault rates must lie in [0, 1] and sum to at most 1")
+        if self.latency_ms < 0 or self.latency_jitter_ms < 0 or self.oversize_bytes < 0:
+            raise ValueError("latency and oversize_bytes must be >= 0")
+        if self.storm_every < 0 or self.storm_seconds < 0:
+            raise ValueError("storm_every and storm_seconds must be >= 0")
+        if self.storm_every and self.storm_seconds >= self.storm_every:
+            raise ValueError("storm_seconds must be shorter than storm_every")
+
+    @property
+    def any_faults(self) -> bool:
+        """Whether the fault draw is needed at all (skipped on the hot path when not)."""
+        return any(getattr(self, name) > 0 for name in _RATE_FIELDS)
+
+    def to_argv(self) -> list[str]:
+        """Flags that ``MockConfig.from_argv`` turns back into an equal config."""
+        argv: list[str] = []
+        for f in fields(self):
+            value, flag = getattr(self, f.name), f.metadata["flag"]
+            if value == f.default:
+                continue
+            if isinstance(value, bool):
+                argv.append(flag)  # only --no-strict: strict is on by default
+            elif isinstance(value, tuple):
+                # An empty --model list cannot be spelled; it falls back to the defaults.
+                for item in value:
+                    argv += [flag, item]
+            else:
+                argv += [flag, str(value)]
+        return argv
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> MockConfig:
+        """Parse flags made by ``to_argv`` (or typed by a person)."""
+        parser = argparse.ArgumentParser(add_help=False)
+        add_arguments(parser)
+        return cls.from_namespace(parser.parse_args(argv))
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> MockConfig:
+        """Build a config from a namespace filled by a parser set up with ``add_arguments``."""
+        values = {f.name: getattr(ns, f.name) for f in fields(cls)}
+        for name in ("models", "unknown_models"):
+            if values[name] is None:
+                values.pop(name)
+        return cls(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per ``MockConfig`` field to ``parser`` (dest = field name)."""
+    for f in fields(MockConfig):
+        flag, help_ = f.metadata["flag"], f.metadata["help"]
+        if f.name == "strict":
+            parser.add_argument(flag, dest="strict", action="store_false", help=help_)
+        elif f.name in ("models", "unknown_models"):
+            parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_)
+        elif f.name in ("api_key", "ledger_file"):
+            parser.add_argument(flag, dest=f.name, default=None, help=help_)
+        else:
+            kind = type(f.default)
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_)

@@ -1,0 +1,116 @@
+"""The worker's side of the global rate limit: lease send slots in batches.
+
+Requests that want to go out queue here with their token cost. One leasing task
+asks the limiter for slots for everyone waiting, in one round trip, and wakes
+each waiter at its slot. The limiter's slots are in its own clock; this side
+maps them to the local clock with the round trip's bounds, so clock skew
+between nodes cannot break the limit:
+
+    limiter's "now" happened somewhere in [t_sent, t_received] (local clock)
+    slot [start, start + validity]  ->  send no earlier than t_received + offset
+                                        and no later than t_sent + offset + validity
+
+A waiter that wakes too late for its slot (a slow event loop, a long round
+trip) gives the slot up and queues again: a slot is never stretched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LeaseAnswer", "PermitPool", "PermitTooLarge"]
+
+
+class PermitTooLarge(Exception):
+    """The request's token cost is larger than the whole TPM limit: it can never be sent."""
+
+
+@dataclass(frozen=True)
+class LeaseAnswer:
+    """What the limiter actor returns for one lease (plain data, cheap to serialize)."""
+
+    now: float
+    starts: list[float | None]
+    retry_at: float | None
+    paused_until: float
+
+
+LeaseFn = Callable[[list[float]], Awaitable[LeaseAnswer]]
+
+
+class PermitPool:
+    """Waiters queue with a cost; ``acquire`` returns when the caller may send at once."""
+
+    def __init__(self, lease: LeaseFn, *, validity: float, max_batch: int = 256,
+                 clock: Callable[[], float] = time.monotonic):
+        self._lease = lease
+        self._validity = validity
+        self._max_batch = max_batch
+        self._clock = clock
+        self._waiting: deque[tuple[float, asyncio.Future[tuple[float, float]]]] = deque()
+        self._leaser: asyncio.Task[None] | None = None
+        self._local_pause = 0.0
+        self.round_trips = 0
+        self.slots_dropped = 0
+
+    def pause(self, seconds: float) -> None:
+        """Hold this worker's own sends too, without waiting for the next lease."""
+        self._local_pause = max(self._local_pause, self._clock() + seconds)
+
+    async def acquire(self, cost: float) -> float:
+        """Wait for a send slot; returns the seconds spent waiting."""
+        t0 = self._clock()
+        while True:
+            fut: asyncio.Future[tuple[float, float]] = asyncio.get_running_loop().create_future()
+            self._waiting.append((cost, fut))
+            if self._leaser is None or self._leaser.done():
+                self._leaser = asyncio.create_task(self._lease_loop())
+            earliest, latest = await fut
+            now = self._clock()
+            if earliest > now:
+                await asyncio.sleep(earliest - now)
+                now = self._clock()
+            if now <= latest and now >= self._local_pause:
+                return now - t0
+            self.slots_dropped += 1  # too late for the slot, or paused: ask again
+
+    async def _lease_loop(self) -> None:
+        while self._waiting:
+            n = min(len(self._waiting), self._max_batch)
+            batch = [self._waiting.popleft() for _ in range(n)]
+            batch = [(c, f) for c, f in batch if not f.done()]  # cancelled waiters
+            if not batch:
+                continue
+            try:
+                t_sent = self._clock()
+                answer = await self._lease([c for c, _ in batch])
+                t_recv = self._clock()
+            except BaseException as e:  # the limiter is unreachable: fail these waiters
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e if isinstance(e, Exception) else RuntimeError(e))
+                raise
+            self.round_trips += 1
+            self._hand_out(batch, answer, t_sent, t_recv)
+            if answer.retry_at is not None and self._waiting:
+                await asyncio.sleep(max(0.0, answer.retry_at - answer.now))
+
+    def _hand_out(self, batch: list[tuple[float, Any]], answer: LeaseAnswer,
+                  t_sent: float, t_recv: float) -> None:
+        for (cost, fut), start in zip(batch, answer.starts):
+            if fut.done():
+                continue
+            if start is None:
+                fut.set_exception(
+                    PermitTooLarge(f"request of {cost:.0f} tokens exceeds the TPM limit"))
+                continue
+            offset = start - answer.now
+            fut.set_result((t_recv + offset, t_sent + offset + self._validity))
+        # the waiters the limiter had no slot for go back to the front, in order
+        for cost, fut in reversed(batch[len(answer.starts):]):
+            self._waiting.appendleft((cost, fut))

@@ -1,0 +1,175 @@
+"""Pure rate-limit arithmetic: the schedule the global limiter hands out.
+
+The limiter grants *send slots*: permit i may be sent only inside
+``[start_i, start_i + validity]`` (limiter clock). A worker that cannot send in
+time drops the permit and asks again. Slots are granted in non-decreasing start
+order, and a new slot x for a window of W seconds and limit L is admitted only if
+
+    #{ i : start_i > x - W - validity - margin } < L          (requests)
+    sum{ cost_i : start_i > x - W - validity - margin } + c <= L   (tokens)
+
+Why that is exact: take any W-second window holding sends, and j the one of them
+with the latest start. Every other send i in it has s_i <= start_i + validity and
+s_i > s_j - W >= start_j - W, so start_i > start_j - W - validity: it was counted
+when j was granted. So no W-second window ever holds more than L sends, whatever
+the clocks of the nodes say, as long as a worker only sends inside its slot (the
+worker checks that against its own clock using the lease's round-trip bounds).
+``margin`` absorbs the client-to-server delay between a send and its arrival.
+
+The cost of exactness is ``validity + margin`` per window: with the defaults
+(0.05 s + 0.12 s) a 10-second window admits 98.3% of its nominal rate.
+
+Slots are also paced: consecutive starts are at least ``reach / limit`` apart
+for the tightest window (and ``cost * reach / limit`` for tokens). Without
+pacing, a window opens with a burst of L requests, the provider takes a
+while to accept them all, and the tail of the burst lands in the next window;
+evenly spaced sends turn the same arrival jitter into a request or two.
+
+Workers lease slots in batches (one round trip for up to ``max_batch`` requests)
+and only up to ``horizon`` seconds ahead, so no worker hoards the future. A 429
+anywhere pauses every grant until its Retry-After has passed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Grant", "SlotScheduler", "Window", "windows_for"]
+
+
+@dataclass(frozen=True)
+class Window:
+    """At most ``limit`` units (requests or tokens) in any ``seconds``-long window."""
+
+    seconds: float
+    limit: float
+    tokens: bool = False
+
+
+def windows_for(rpm: int, tpm: int | None) -> list[Window]:
+    """RPM over 60 s, RPM/6 over 10 s (no bursts of a whole minute), and TPM over 60 s."""
+    out = [Window(60.0, rpm), Window(10.0, max(1, math.floor(rpm / 6)))]
+    if tpm:
+        out.append(Window(60.0, tpm, tokens=True))
+    return out
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The answer to one lease: a start time per granted cost (limiter clock).
+
+    ``starts`` covers a prefix of the costs asked for, None where a cost is larger
+    than a token window's whole limit (it can never be sent); ``retry_at`` is when
+    the next slot comes inside the horizon (wait until then before asking again).
+    """
+
+    now: float
+    starts: list[float | None]
+    retry_at: float | None
+    paused_until: float
+
+
+class _WindowLog:
+    """The starts (and costs) granted within the last window, oldest first."""
+
+    def __init__(self, window: Window, reach: float):
+        self.window = window
+        self.reach = reach  # W + validity + margin: how long a grant keeps counting
+        self.log: deque[tuple[float, float]] = deque()
+        self.total = 0.0
+
+    def forget_before(self, t: float) -> None:
+        while self.log and self.log[0][0] <= t - self.reach:
+            self.total -= self.log.popleft()[1]
+
+    def earliest(self, x: float, cost: float) -> float:
+        """The earliest start >= x at which one more unit of ``cost`` fits."""
+        need = self.total + cost - self.window.limit
+        if need <= 1e-9:
+            return x
+        for start, c in self.log:  # drop the oldest until enough has left the window
+            need -= c
+            if need <= 1e-9:
+                return max(x, start + self.reach)
+        return math.inf  # only when cost alone exceeds the limit; callers reject it first
+
+    def add(self, start: float, cost: float) -> None:
+        self.log.append((start, cost))
+        self.total += cost
+
+
+class SlotScheduler:
+    """Grants send slots under several sliding windows; single-threaded, clock injected."""
+
+    def __init__(
+        self,
+        windows: Sequence[Window],
+        clock: Callable[[], float],
+        *,
+        validity: float = 0.05,
+        margin: float = 0.12,
+        horizon: float = 0.5,
+    ):
+        self.clock = clock
+        self.validity = validity
+        self.horizon = horizon
+        self._logs = [_WindowLog(w, w.seconds + validity + margin) for w in windows]
+        self._last = -math.inf
+        self._next_paced = -math.inf  # earliest start the pacing allows for the next slot
+        self.paused_until = -math.inf
+        self.granted = 0
+
+    def pause_until(self, t: float) -> None:
+        """No slot may start before ``t`` (a provider's Retry-After, for everyone)."""
+        self.paused_until = max(self.paused_until, t)
+
+    def block_all(self, now: float) -> None:
+        """Treat every window as full as of ``now``: the safe state after a lost log."""
+        for log in self._logs:
+            log.log.clear()
+            log.log.append((now, log.window.limit))
+            log.total = log.window.limit
+        self._last = max(self._last, now)
+
+    def _fits(self, cost: float) -> bool:
+        return all(cost <= lg.window.limit for lg in self._logs if lg.window.tokens)
+
+    def _spacing(self, cost: float) -> float:
+        return max(lg.reach * (cost if lg.window.tokens else 1.0) / lg.window.limit
+                   for lg in self._logs)
+
+    def _next_start(self, cost: float, now: float) -> float:
+        x = max(now, self._last, self._next_paced, self.paused_until)
+        while True:  # each window may push x later; repeat until all agree
+            y = x
+            for lg in self._logs:
+                y = max(y, lg.earliest(y, cost if lg.window.tokens else 1.0))
+            if y == x:
+                return x
+            x = y
+
+    def grant(self, costs: Sequence[float]) -> Grant:
+        """Slots for a prefix of ``costs`` (tokens per request) within the horizon."""
+        now = self.clock()
+        for lg in self._logs:
+            lg.forget_before(now)
+        starts: list[float | None] = []
+        retry_at = None
+        for cost in costs:
+            if not self._fits(cost):
+                starts.append(None)
+                continue
+            x = self._next_start(cost, now)
+            if x > now + self.horizon:
+                retry_at = x - self.horizon
+                break
+            for lg in self._logs:
+                lg.add(x, cost if lg.window.tokens else 1.0)
+            self._last = x
+            self._next_paced = x + self._spacing(cost)
+            starts.append(x)
+        self.granted += sum(s is not None for s in starts)
+        return Grant(now, starts, retry_at, self.paused_until)

@@ -1,0 +1,197 @@
+"""``batchrun run``: spec -> shards -> Ray actors -> dispatch -> results -> summary.
+
+The driver validates everything it can before touching Ray (spec, input files
+and columns, the API key), so bad input fails in a second with one line. It
+starts a local Ray unless given an address (or RAY_ADDRESS), creates the named
+limiter and worker actors, and always removes them in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from batchrun.dispatch import Dispatcher, ShardPlan
+from batchrun.errors import ClusterError, UserError
+from batchrun.limiter import RateLimiter, limiter_name
+from batchrun.pricing import price_for
+from batchrun.shards import Shard, plan_shards
+from batchrun.spec import JobSpec, load_spec, resolve_api_key
+from batchrun.summary import Summary, save_summary, summarize
+from batchrun.worker import Worker, worker_name
+from batchrun.writer import ResultsStore, result_schema
+
+__all__ = ["RunOptions", "run_job"]
+
+log = logging.getLogger("batchrun")
+WORKER_CPUS = 1.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    address: str | None = None
+    retry_errors: bool = False
+    ds: str | None = None
+    progress: bool = True
+    include_dashboard: bool | None = None
+
+
+@contextlib.contextmanager
+def simulated_provider(spec: JobSpec) -> Iterator[JobSpec]:
+    """Start the built-in provider when the spec asks for it; yield the spec pointing at it."""
+    if spec.simulate is None:
+        yield spec
+        return
+    from batchrun.mockserver import MockConfig, start_subprocess
+
+    key = None
+    if spec.endpoint.api_key_env:  # a throwaway key, so the demo runs with none set
+        key = os.environ.setdefault(spec.endpoint.api_key_env, "sim-" + secrets.token_hex(16))
+    sim = spec.simulate.model_dump()
+    sim.update(rpm=sim["rpm"] or 0, tpm=sim["tpm"] or 0)  # None: unlimited, 0 to the server
+    cfg = MockConfig(**sim, api_key=key)
+    proc = start_subprocess(cfg)
+    try:
+        endpoint = spec.endpoint.model_copy(update={"base_url": proc.base_url})
+        yield spec.model_copy(update={"endpoint": endpoint})
+    finally:
+        proc.terminate()
+
+
+def _connect(opts: RunOptions, spec: JobSpec) -> tuple[float, bool]:
+    """Join or start Ray; returns (seconds taken, whether we started it)."""
+    if ray.is_initialized():
+        return 0.0, False
+    t0 = time.monotonic()
+    address = opts.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"namespace": "batchrun", "log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, int(spec.workers * WORKER_CPUS))
+        kwargs["include_dashboard"] = opts.include_dashboard
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError) as e:
+        raise ClusterError(f"cannot start or join Ray at {address or 'local'}: {e}") from e
+    return time.monotonic() - t0, True
+
+
+def _carry_schema(spec: JobSpec, shards: list[Shard]) -> pa.Schema | None:
+    if not spec.carry_columns:
+        return None
+    schema = pq.read_schema(shards[0].path)
+    return pa.schema([schema.field(c) for c in spec.carry_columns])
+
+
+def _plans(spec: JobSpec, shards: list[Shard], store: ResultsStore,
+           redo_errors: bool) -> tuple[list[ShardPlan], int]:
+    """Shards with work left, and how many rows already have a final answer."""
+    plans, done = [], 0
+    for shard in shards:
+        if store.is_final(shard.name) and not redo_errors:
+            done += shard.num_rows
+            continue
+        skip = store.answered_ids(shard.name, redo_errors=redo_errors)
+        done += len(skip)
+        if len(skip) < shard.num_rows or not store.is_final(shard.name):
+            plans.append(ShardPlan(shard, skip))
+    return plans, done
+
+
+def _start_actors(spec: JobSpec, key: str | None, schema: pa.Schema) -> list[Any]:
+    try:
+        limiter = RateLimiter.options(  # type: ignore[attr-defined]
+            name=limiter_name(spec.name)).remote(spec.limits.rpm, spec.limits.tpm)
+    except ValueError as e:  # the name is taken: the same job is running on this cluster
+        raise UserError(f"job {spec.name!r} is already running on this Ray cluster "
+                        "(its actors exist); wait for it or stop it first") from e
+    key_box = [ray.put(key) if key else None]  # a reference inside a list: not an argument
+    per_worker = max(1, spec.limits.max_concurrency // spec.workers)
+    workers = [
+        Worker.options(  # type: ignore[attr-defined]
+            name=worker_name(spec.name, i), num_cpus=WORKER_CPUS).remote(
+            spec, per_worker, key_box, schema)
+        for i in range(spec.workers)
+    ]
+    return [limiter, *workers]
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TaskProgressColumn(), TextColumn("{task.fields[rate]} rows/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
+        console=Console(stderr=True),
+    )
+
+
+def _run_dispatch(spec: JobSpec, actors: list[Any], store: ResultsStore,
+                  plans: list[ShardPlan], total: int, done: int, opts: RunOptions) -> None:
+    with _progress(opts.progress) as bar:
+        task = bar.add_task(spec.name, total=total, completed=done, rate="-")
+        t0, count = time.monotonic(), 0
+
+        def on_rows(n: int) -> None:
+            nonlocal count
+            count += n
+            rate = count / max(time.monotonic() - t0, 1e-9)
+            bar.update(task, advance=n, rate=f"{rate:,.0f}")
+
+        asyncio.run(Dispatcher(actors[1:], store, on_rows).run(plans))
+
+
+def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
+    """Run (or resume) the job in ``spec_path``; returns its summary."""
+    spec = load_spec(spec_path, ds=opts.ds)
+    price_for(spec)  # a model with no price is refused before anything runs
+    shards = plan_shards(spec)
+    total = sum(s.num_rows for s in shards)
+    with simulated_provider(spec) as spec:
+        key = resolve_api_key(spec, spec_path=spec_path)
+        store = ResultsStore(spec.output, result_schema(_carry_schema(spec, shards)))
+        plans, done = _plans(spec, shards, store, opts.retry_errors)
+        started = datetime.now(UTC)
+        ray_s, started_ray = 0.0, False
+        t0 = time.monotonic()
+        if plans:
+            ray_s, started_ray = _connect(opts, spec)
+            t0 = time.monotonic()
+            actors = _start_actors(spec, key, store.schema)
+            try:
+                _run_dispatch(spec, actors, store, plans, total, done, opts)
+            finally:
+                for a in actors:
+                    ray.kill(a, no_restart=True)
+                if started_ray:
+                    ray.shutdown()
+        else:
+            log.info("job %s is already complete: %d rows in %s", spec.name, total, spec.output)
+        summary = summarize(store.result_files(), job=spec.name, wall_s=time.monotonic() - t0,
+                            run_started=started, total_rows=total,
+                            ray_startup_s=ray_s if started_ray else None)
+        save_summary(summary, Path(spec.output) / "summary.json")
+        return summary

@@ -1,0 +1,462 @@
+"""The scheduler: starts each scheduled job once per cron slot, never two runs of a job at once.
+
+A slot is *claimed* by an INSERT under ``UNIQUE(job_name, slot_utc)`` in a write transaction
+(with the overlap check) before anything starts: at most once across restarts. Each run goes
+through a small *supervisor* process that logs its output and records its exit code itself,
+so outcomes are kept with ``--no-wait`` and across scheduler restarts. Overlap is *deferred*:
+nothing is recorded for a busy job's due slot; when its run ends, the catch-up policy decides
+as if the scheduler had been down meanwhile. Design notes: docs/scheduling.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import psutil
+
+from batchrun.errors import BatchrunError, UserError
+from batchrun.schedule import (
+    DEFAULT_GRACE,
+    CatchUp,
+    due_slots,
+    next_slots,
+    parse_zone,
+    slot_ds,
+    slot_key,
+    validate_cron,
+)
+
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "EXIT_PENDING",
+    "CommandFor",
+    "RunRecord",
+    "ScheduledJob",
+    "StateDB",
+    "TickResult",
+    "default_command",
+    "load_jobs",
+    "run_loop",
+    "run_once",
+    "seconds_until_next",
+    "supervise_main",
+    "tick",
+]
+
+log = logging.getLogger("batchrun.scheduler")
+
+DEFAULT_STATE_DIR = Path("~/.batchrun")
+EXIT_PENDING = 10  # reserved by `batchrun run/submit`: a Batch API job is still pending
+ACTIVE = ("starting", "running")
+RESCAN_S = 60.0  # longest sleep: the jobs folder is re-read at every wakeup
+BUSY_POLL_S = 5.0  # a deferred slot is re-checked this often while its job is busy
+_START_WINDOW = timedelta(seconds=60)  # claim -> supervisor start, and pid-reuse guard
+
+CommandFor = Callable[[str, str], list[str]]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    job_name TEXT NOT NULL, slot_utc TEXT NOT NULL, ds TEXT NOT NULL,
+    started_at TEXT, finished_at TEXT, status TEXT NOT NULL,
+    exit_code INTEGER, pid INTEGER, log_path TEXT,
+    UNIQUE (job_name, slot_utc)
+);
+CREATE TABLE IF NOT EXISTS jobs (job_name TEXT PRIMARY KEY, first_seen_utc TEXT NOT NULL);
+"""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _from_key(key: str) -> datetime:
+    return datetime.strptime(key, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def _status_for(exit_code: int) -> str:
+    if exit_code == 0:
+        return "succeeded"
+    return "pending" if exit_code == EXIT_PENDING else "failed"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    job_name: str
+    slot_utc: str
+    ds: str
+    started_at: str | None
+    finished_at: str | None
+    status: str
+    exit_code: int | None
+    pid: int | None
+    log_path: str | None
+
+
+class StateDB:
+    """The scheduler's sqlite state: one row per claimed slot, and when each job was first seen."""
+
+    def __init__(self, state_dir: str | Path):
+        self.state_dir = Path(state_dir).expanduser()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.state_dir / "scheduler.db"
+        # Autocommit; writes that must be atomic use BEGIN IMMEDIATE (the write lock).
+        # WAL + a busy timeout let supervisors write while the scheduler reads.
+        self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def first_seen(self, job: str, now: datetime) -> datetime:
+        """When the scheduler first saw ``job`` (recorded as ``now`` the first time)."""
+        self.conn.execute("INSERT OR IGNORE INTO jobs VALUES (?, ?)", (job, slot_key(now)))
+        row = self.conn.execute("SELECT first_seen_utc FROM jobs WHERE job_name=?", (job,))
+        return _from_key(row.fetchone()[0])
+
+    def last_slot(self, job: str) -> datetime | None:
+        # slot_utc is fixed-width ISO text, so text order is time order.
+        row = self.conn.execute("SELECT MAX(slot_utc) FROM runs WHERE job_name=?", (job,))
+        key = row.fetchone()[0]
+        return _from_key(key) if key else None
+
+    def runs(self, job: str | None = None) -> list[RunRecord]:
+        sql = "SELECT * FROM runs" + (" WHERE job_name=?" if job else "") + " ORDER BY slot_utc"
+        return [RunRecord(*r) for r in self.conn.execute(sql, (job,) if job else ())]
+
+    def get(self, job: str, key: str) -> RunRecord | None:
+        cur = self.conn.execute("SELECT * FROM runs WHERE job_name=? AND slot_utc=?", (job, key))
+        row = cur.fetchone()
+        return RunRecord(*row) if row else None
+
+    def claim(self, job: str, key: str, ds: str, log_path: Path) -> str:
+        """Claim a slot: ``claimed``, ``busy`` (a run of the job is alive) or ``taken``."""
+        with self._write() as c:
+            if self.get(job, key) is not None:
+                return "taken"
+            for pid, started, slot in c.execute(
+                "SELECT pid, started_at, slot_utc FROM runs WHERE job_name=? AND status IN (?, ?)",
+                (job, *ACTIVE),
+            ).fetchall():
+                if _alive(pid, started):
+                    return "busy"
+                # The supervisor died without recording (SIGKILL, reboot): close the row.
+                c.execute(
+                    "UPDATE runs SET status='lost', finished_at=? WHERE job_name=? AND slot_utc=?",
+                    (_iso(_utcnow()), job, slot),
+                )
+            try:
+                c.execute(
+                    "INSERT INTO runs (job_name, slot_utc, ds, started_at, status, log_path) "
+                    "VALUES (?, ?, ?, ?, 'starting', ?)",
+                    (job, key, ds, _iso(_utcnow()), str(log_path)),
+                )
+            except sqlite3.IntegrityError:
+                return "taken"
+        return "claimed"
+
+    def mark_running(self, job: str, key: str, pid: int) -> None:
+        # Conditional: a fast supervisor may already have written its final status.
+        self.conn.execute(
+            "UPDATE runs SET status='running', pid=COALESCE(pid, ?) "
+            "WHERE job_name=? AND slot_utc=? AND status='starting'",
+            (pid, job, key),
+        )
+
+    def finish(self, job: str, key: str, exit_code: int | None, status: str) -> None:
+        self.conn.execute(
+            "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE job_name=? AND slot_utc=?",
+            (status, exit_code, _iso(_utcnow()), job, key),
+        )
+
+
+def _alive(pid: int | None, started_at: str | None) -> bool:
+    """Whether the supervisor of a run still lives (a zombie or a reused pid does not count)."""
+    started = datetime.fromisoformat(started_at) if started_at else _utcnow()
+    if pid is None:  # claimed, supervisor not started yet (or the claimer died right there)
+        return _utcnow() - started < _START_WINDOW
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # A pid reused by a later process has a creation time well after the claim.
+        return proc.create_time() <= (started + _START_WINDOW).timestamp()
+    except psutil.Error:
+        return False
+
+
+# -- the supervisor: one small process per run, started with `python -c _BOOT` ------------
+
+_PKG_ROOT = str(Path(__file__).resolve().parent.parent)
+# Not `python -m batchrun.scheduler`: that needs batchrun installed or the cwd at the
+# repo root; the supervisor must import this very copy of batchrun.
+_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from batchrun.scheduler import supervise_main; sys.exit(supervise_main(sys.argv[2:]))"
+)
+
+
+def supervise_main(argv: list[str]) -> int:
+    """``DB JOB SLOT LOG -- CMD...``: run CMD, log its output, record its outcome in DB."""
+    db_path, job, key, log_path, sep, *cmd = argv
+    assert sep == "--" and cmd, "usage: DB JOB SLOT LOG -- CMD..."
+    db = StateDB(Path(db_path).parent)
+    db.mark_running(job, key, os.getpid())
+    with open(log_path, "ab") as out:
+        out.write(f"# batchrun scheduler: {job} slot {key}: {shlex.join(cmd)}\n".encode())
+        out.flush()
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        except OSError as e:
+            out.write(f"# could not start: {e}\n".encode())
+            db.finish(job, key, 127, "start_failed")
+            return 127
+        # Stopping the supervisor stops its run, and the outcome is still recorded.
+        signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+        code = proc.wait()
+        out.write(f"# exit code {code}\n".encode())
+    db.finish(job, key, code, _status_for(code))
+    return 0
+
+
+# -- jobs and commands --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduledJob:
+    name: str
+    spec_path: str
+    cron: str
+    zone: ZoneInfo
+    catch_up: CatchUp
+
+
+def _spec_files(jobs_dir: Path) -> list[Path]:
+    return sorted(p for p in jobs_dir.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def load_jobs(jobs_dir: str | Path, *, strict: bool = True) -> list[ScheduledJob]:
+    """The scheduled jobs of a folder's ``*.yaml``/``*.yml`` specs (specs without ``schedule:``
+    are skipped). ``strict``: any bad spec is a ``UserError``; otherwise it is logged and skipped
+    (the running loop must not die because someone saved a half-written file)."""
+    from batchrun.spec import load_spec  # lazy: supervisors import this module, not pydantic
+
+    folder = Path(jobs_dir).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder; give the folder holding the job specs")
+    files = _spec_files(folder)
+    if not files and strict:
+        raise UserError(f"{folder}: no job specs (*.yaml) in this folder")
+    jobs: dict[str, ScheduledJob] = {}
+    for path in files:
+        try:
+            job = _job_of(path, load_spec(path))
+        except BatchrunError as e:
+            if strict:
+                raise
+            log.warning("skipping %s", e)
+            continue
+        if job is None:
+            continue
+        if job.name in jobs:
+            msg = f"{path}: job name {job.name!r} is also used by {jobs[job.name].spec_path}"
+            if strict:
+                raise UserError(msg)
+            log.warning("skipping %s", msg)
+            continue
+        jobs[job.name] = job
+    if not jobs and strict:
+        raise UserError(f"{folder}: no spec has a schedule; add schedule: {{cron: '0 2 * * *'}}")
+    return list(jobs.values())
+
+
+def _job_of(path: Path, spec: object) -> ScheduledJob | None:
+    sched = getattr(spec, "schedule", None)
+    if sched is None:
+        return None
+    try:
+        return ScheduledJob(
+            name=spec.name,  # type: ignore[attr-defined]
+            spec_path=str(path.resolve()),
+            cron=validate_cron(sched.cron),
+            zone=parse_zone(sched.timezone),
+            catch_up=sched.catch_up,
+        )
+    except BatchrunError as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
+def default_command(address: str | None = None) -> CommandFor:
+    """``batchrun run SPEC --ds DS`` locally, or ``batchrun submit ... --wait`` to a cluster."""
+
+    def build(spec_path: str, ds: str) -> list[str]:
+        base = [sys.executable, "-m", "batchrun"]
+        if address:
+            return [*base, "submit", spec_path, "--ds", ds, "--address", address, "--wait"]
+        return [*base, "run", spec_path, "--ds", ds]
+
+    return build
+
+
+# -- one evaluation, --once, and the loop -------------------------------------------------
+
+
+@dataclass
+class TickResult:
+    started: list[tuple[str, str, subprocess.Popen]] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)  # jobs with a due slot but a live run
+
+
+def _start(
+    db: StateDB, job: ScheduledJob, slot: datetime, command_for: CommandFor, result: TickResult
+) -> None:
+    key, ds = slot_key(slot), slot_ds(slot, job.zone)
+    log_path = db.state_dir / "logs" / job.name / (key.replace("-", "").replace(":", "") + ".log")
+    claim = db.claim(job.name, key, ds, log_path)
+    if claim == "busy":
+        log.info("%s: slot %s deferred, the previous run is still running", job.name, key)
+        result.deferred.append(job.name)
+        return
+    if claim == "taken":
+        return
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = command_for(job.spec_path, ds)
+        run_args = [job.name, key, str(log_path)]
+        with open(log_path, "ab") as err:  # the supervisor's own errors land in the log too
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, _PKG_ROOT, str(db.path), *run_args, "--", *cmd],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,  # a scheduler restart or Ctrl-C leaves runs alone
+            )
+    except Exception as e:
+        db.finish(job.name, key, None, "start_failed")
+        log.error("%s: slot %s could not start: %s", job.name, key, e)
+        return
+    db.mark_running(job.name, key, proc.pid)
+    log.info("%s: started slot %s (ds %s), log %s", job.name, key, ds, log_path)
+    result.started.append((job.name, key, proc))
+
+
+def tick(
+    db: StateDB, jobs: list[ScheduledJob], now: datetime, command_for: CommandFor
+) -> TickResult:
+    """Evaluate one instant: start the oldest due slot of each job that has one."""
+    result = TickResult()
+    for job in jobs:
+        last = db.last_slot(job.name)
+        # A job never run looks back only to when the scheduler first saw it (minus the
+        # grace period), so adding a job does not fire a slot from hours ago.
+        after = last if last is not None else db.first_seen(job.name, now) - DEFAULT_GRACE
+        due = due_slots(job.cron, job.zone, now, after, catch_up=job.catch_up)
+        if due:
+            _start(db, job, due[0], command_for, result)
+    return result
+
+
+def run_once(
+    jobs_dir: str | Path,
+    state_dir: str | Path,
+    command_for: CommandFor,
+    *,
+    now: datetime | None = None,
+    wait: bool = True,
+) -> list[RunRecord]:
+    """Start what is due at ``now``; with ``wait``, wait for it (and for further catch-up
+    slots of the same jobs, one after the other). Returns the records of started runs."""
+    jobs = load_jobs(jobs_dir)
+    db = StateDB(state_dir)
+    now = now or _utcnow()
+    started: list[tuple[str, str]] = []
+    try:
+        while True:
+            result = tick(db, jobs, now, command_for)
+            started += [(j, k) for j, k, _ in result.started]
+            if not wait or not result.started:
+                break
+            for _, _, proc in result.started:
+                proc.wait()
+        return [r for j, k in started if (r := db.get(j, k)) is not None]
+    finally:
+        db.close()
+
+
+def seconds_until_next(jobs: list[ScheduledJob], now: datetime) -> float:
+    """Seconds from ``now`` to the next slot of any job, capped at the rescan interval."""
+    nexts = [next_slots(j.cron, j.zone, now, 1)[0] for j in jobs]
+    if not nexts:
+        return RESCAN_S
+    return min(RESCAN_S, max(0.0, (min(nexts) - now).total_seconds()))
+
+
+def _rescan(jobs_dir: str | Path, previous: list[ScheduledJob]) -> list[ScheduledJob]:
+    try:
+        return load_jobs(jobs_dir, strict=False)
+    except BatchrunError as e:  # the folder vanished (unmounted?): keep the last good list
+        log.warning("keeping the previous jobs: %s", e)
+        return previous
+
+
+def run_loop(
+    jobs_dir: str | Path,
+    state_dir: str | Path,
+    command_for: CommandFor,
+    *,
+    clock: Callable[[], datetime] = _utcnow,
+    sleep: Callable[[float], None] = time.sleep,
+    max_wakeups: int | None = None,
+) -> None:
+    """The foreground scheduler: sleep until the next slot of any job, start what is due.
+
+    The jobs folder is re-read at every wakeup, and wakeups are at most ``RESCAN_S`` apart,
+    so a new or edited spec is picked up within a minute. ``clock``/``sleep`` are injectable.
+    """
+    jobs = load_jobs(jobs_dir)  # strict once: a broken setup fails at startup, exit 2
+    db = StateDB(state_dir)
+    children: list[subprocess.Popen] = []
+    wakeups = 0
+    try:
+        while max_wakeups is None or wakeups < max_wakeups:
+            now = clock()
+            result = tick(db, jobs, now, command_for)
+            # poll() reaps finished supervisors; their outcome is already in the DB.
+            children = [p for p in children + [p for _, _, p in result.started] if p.poll() is None]
+            wait = seconds_until_next(jobs, now)
+            if result.deferred:
+                wait = min(wait, BUSY_POLL_S)
+            sleep(wait + 0.05)  # a hair past the slot, so the next tick sees it due
+            wakeups += 1
+            jobs = _rescan(jobs_dir, jobs)
+    except KeyboardInterrupt:
+        log.info("scheduler stopped; runs in progress go on and record their outcome")
+    finally:
+        db.close()

@@ -1,0 +1,214 @@
+"""Input: find the Parquet files, check their columns, plan shards, read rows lazily.
+
+A shard is a row range ``[start, stop)`` of one file, aligned to row groups where
+they are small enough. Planning reads only Parquet footers, and reading a shard
+streams record batches of the row groups it overlaps, so no process ever holds
+a whole input: a 10-million-row job plans in a footer read per file.
+
+This module is the one boundary where pyarrow errors about the input become
+``InputDataError`` naming the file and the column.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchrun.errors import InputDataError
+from batchrun.spec import JobSpec
+
+__all__ = [
+    "RequestRow",
+    "Shard",
+    "input_files",
+    "iter_shard_rows",
+    "plan_shards",
+    "validate_input",
+]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows ``[start, stop)`` of one Parquet file; ``index`` names its results file."""
+
+    index: int
+    path: str
+    start: int
+    stop: int
+    id_prefix: str  # the file's name relative to the input root, for default row ids
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:06d}"
+
+
+@dataclass
+class RequestRow:
+    """One input row, ready to send: ``messages`` is None when the row itself is bad."""
+
+    id: str
+    messages: list[dict[str, Any]] | None
+    error: str | None = None
+    carry: dict[str, Any] = field(default_factory=dict)
+
+
+def input_files(spec: JobSpec) -> list[str]:
+    """The Parquet files named by ``spec.input`` (a file, a folder or a glob), sorted."""
+    src = spec.input
+    if any(ch in src for ch in "*?["):
+        files = sorted(f for f in glob.glob(src, recursive=True) if os.path.isfile(f))
+    elif os.path.isdir(src):
+        files = sorted(str(p) for p in Path(src).rglob("*.parquet") if p.is_file())
+    elif os.path.isfile(src):
+        files = [src]
+    else:
+        raise InputDataError(f"input: {src}: no such file or folder; check the path in the spec")
+    if not files:
+        raise InputDataError(f"input: {src}: holds no Parquet files (*.parquet)")
+    return files
+
+
+def _root_of(spec: JobSpec) -> str:
+    src = spec.input
+    if os.path.isdir(src):
+        return src
+    return os.path.dirname(src.split("*")[0].split("?")[0].split("[")[0]) or "."
+
+
+def _open(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise InputDataError(f"input: {path}: not a readable Parquet file ({e})") from e
+
+
+def _check_type(path: str, name: str, typ: pa.DataType, want: str) -> None:
+    if want == "text" and not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise InputDataError(
+            f"input: {path}: column {name!r} is {typ}, not text; "
+            "use a string column for prompt_column or set messages_column"
+        )
+    if want == "messages":
+        inner = typ.value_type if pa.types.is_list(typ) or pa.types.is_large_list(typ) else None
+        names = {inner.field(i).name for i in range(inner.num_fields)} if (
+            inner is not None and pa.types.is_struct(inner)) else set()
+        if not {"role", "content"} <= names:
+            raise InputDataError(
+                f"input: {path}: column {name!r} is {typ}; messages_column must be "
+                "a list of structs with fields role and content"
+            )
+
+
+def validate_input(spec: JobSpec) -> list[str]:
+    """Check every input file has the columns the spec names, of the right types."""
+    files = input_files(spec)
+    for path in files:
+        schema = _open(path).schema_arrow
+        wanted = [(spec.prompt_column, "text"), (spec.messages_column, "messages")]
+        wanted += [(spec.id_column, "any")] + [(c, "any") for c in spec.carry_columns]
+        for name, kind in wanted:
+            if name is None:
+                continue
+            idx = schema.get_field_index(name)
+            if idx < 0:
+                have = ", ".join(schema.names[:12])
+                raise InputDataError(
+                    f"input: {path}: no column {name!r} (columns: {have}); fix the column name"
+                )
+            _check_type(path, name, schema.field(idx).type, kind)
+    return files
+
+
+def _file_shards(pf: pq.ParquetFile, shard_rows: int) -> Iterator[tuple[int, int]]:
+    """Row ranges of one file: whole row groups packed up to ``shard_rows``, big ones split."""
+    start = pos = 0
+    for i in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(i).num_rows
+        if pos > start and pos + n - start > shard_rows:
+            yield start, pos
+            start = pos
+        pos += n
+        while pos - start > shard_rows:
+            yield start, start + shard_rows
+            start += shard_rows
+    if pos > start:
+        yield start, pos
+
+
+def plan_shards(spec: JobSpec) -> list[Shard]:
+    """All shards of the job, in a stable order (file name, then row)."""
+    files = validate_input(spec)
+    root = _root_of(spec)
+    shards: list[Shard] = []
+    for path in files:
+        prefix = os.path.relpath(path, root)
+        for a, b in _file_shards(_open(path), spec.shard_rows):
+            shards.append(Shard(len(shards), path, a, b, prefix))
+    return shards
+
+
+def _batches(pf: pq.ParquetFile, shard: Shard, cols: list[str], n: int) -> Iterator[pa.RecordBatch]:
+    """Record batches covering exactly the shard's rows, reading only the row groups it spans."""
+    groups, first, pos = [], None, 0
+    for i in range(pf.metadata.num_row_groups):
+        rows = pf.metadata.row_group(i).num_rows
+        if pos + rows > shard.start and pos < shard.stop:
+            groups.append(i)
+            first = pos if first is None else first
+        pos += rows
+    pos = first or 0
+    for batch in pf.iter_batches(batch_size=n, row_groups=groups, columns=cols):
+        lo, hi = max(shard.start - pos, 0), min(shard.stop - pos, batch.num_rows)
+        if hi > lo:
+            yield batch.slice(lo, hi - lo)
+        pos += batch.num_rows
+        if pos >= shard.stop:
+            return
+
+
+def _messages(spec: JobSpec, value: Any) -> tuple[list[dict[str, Any]] | None, str | None]:
+    if spec.prompt_column is not None:
+        if not isinstance(value, str) or not value.strip():
+            return None, "empty prompt" if isinstance(value, str) else "null prompt"
+        msgs = [{"role": "user", "content": value}]
+    else:
+        if not value:
+            return None, "null or empty messages"
+        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in value]
+        if any(not isinstance(m["role"], str) or m["content"] is None for m in msgs):
+            return None, "a message without role or content"
+    if spec.system_prompt:
+        msgs.insert(0, {"role": "system", "content": spec.system_prompt})
+    return msgs, None
+
+
+def iter_shard_rows(
+    spec: JobSpec, shard: Shard, batch_rows: int = 1024
+) -> Iterator[list[RequestRow]]:
+    """The shard's rows as ``RequestRow`` lists of at most ``batch_rows``, read lazily."""
+    source = spec.prompt_column or spec.messages_column
+    assert source is not None
+    cols = list(dict.fromkeys([source, *([spec.id_column] if spec.id_column else []),
+                               *spec.carry_columns]))
+    pos = shard.start
+    for batch in _batches(_open(shard.path), shard, cols, batch_rows):
+        data = batch.to_pydict()
+        out = []
+        for j, value in enumerate(data[source]):
+            rid = data[spec.id_column][j] if spec.id_column else f"{shard.id_prefix}#{pos + j}"
+            msgs, err = _messages(spec, value)
+            carry = {c: data[c][j] for c in spec.carry_columns}
+            out.append(RequestRow(str(rid), msgs, err, carry))
+        pos += batch.num_rows
+        yield out

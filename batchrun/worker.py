@@ -1,0 +1,145 @@
+"""The worker actor: one aiohttp session, many requests in flight, results streamed back.
+
+Named ``batchrun:<job>:worker-N``. ``run_shard`` is a streaming generator: it
+yields an Arrow table of finished rows every ``flush_rows`` rows or
+``FLUSH_INTERVAL_S`` seconds, and the driver writes each one as a checkpoint
+before asking for the next. So a worker killed mid-shard loses only the
+requests it had in flight; the driver re-runs the shard minus the rows it has.
+
+The API key is read here, at the worker: from the named environment variable if
+this node has it, else from the object store, where the driver put it. It is
+never a task argument (the argument is a list holding the object's reference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from batchrun.client import ChatClient, open_session
+from batchrun.engine import RowRunner
+from batchrun.limiter import SLOT_VALIDITY_S, limiter_name
+from batchrun.metrics import JobMetrics
+from batchrun.permits import LeaseAnswer, PermitPool
+from batchrun.pricing import price_for
+from batchrun.shards import Shard, iter_shard_rows
+from batchrun.spec import JobSpec
+from batchrun.tokens import count_chat_tokens
+
+__all__ = ["FLUSH_INTERVAL_S", "Worker", "worker_name"]
+
+FLUSH_INTERVAL_S = 2.0
+_DONE = object()
+
+
+def worker_name(job: str, index: int) -> str:
+    return f"batchrun:{job}:worker-{index}"
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class Worker:
+    def __init__(self, spec: JobSpec, concurrency: int, key_box: list[Any], schema: pa.Schema):
+        self._spec = spec
+        self._concurrency = concurrency
+        self._key_box = key_box
+        self._schema = schema
+        self._runner: RowRunner | None = None
+        self._in_flight = 0
+        self._done = 0
+
+    async def _api_key(self) -> str | None:
+        name = self._spec.endpoint.api_key_env
+        if name is None:
+            return None
+        return os.environ.get(name) or await self._key_box[0]
+
+    async def _setup(self) -> RowRunner:
+        if self._runner is not None:
+            return self._runner
+        spec = self._spec
+        self._limiter = ray.get_actor(limiter_name(spec.name))
+        self._sem = asyncio.Semaphore(self._concurrency)
+        self._session = open_session(spec.endpoint, self._concurrency)
+        self._permits = PermitPool(self._lease, validity=SLOT_VALIDITY_S)
+        self._metrics = JobMetrics(spec.name)
+        cost = None
+        if spec.limits.tpm:
+            def cost(msgs: list[dict[str, Any]]) -> float:
+                return count_chat_tokens(msgs, spec.model) + spec.generation.max_tokens
+        client = ChatClient(self._session, spec.endpoint, await self._api_key())
+        self._runner = RowRunner(spec, client, self._permits, pause_all=self._pause_all,
+                                 token_cost=cost, price=price_for(spec))
+        return self._runner
+
+    async def _lease(self, costs: list[float]) -> LeaseAnswer:
+        return await self._limiter.lease.remote(costs)
+
+    def _pause_all(self, seconds: float) -> None:
+        self._permits.pause(seconds)
+        self._limiter.pause.remote(seconds)  # fire and forget: the others learn on next lease
+
+    async def _one(self, runner: RowRunner, row: Any, out: asyncio.Queue[Any]) -> None:
+        self._in_flight += 1
+        try:
+            out.put_nowait(await runner.run(row))
+        finally:
+            self._in_flight -= 1
+            self._sem.release()
+
+    async def _feed(self, shard: Shard, skip: set[str], out: asyncio.Queue[Any]) -> None:
+        runner = await self._setup()
+        rows = iter_shard_rows(self._spec, shard)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                # Parquet reads block: do them off the event loop that serves requests
+                while (batch := await asyncio.to_thread(next, rows, None)) is not None:
+                    for row in batch:
+                        if row.id in skip:
+                            continue
+                        await self._sem.acquire()  # bounded: at most `concurrency` tasks
+                        tg.create_task(self._one(runner, row, out))
+        finally:
+            out.put_nowait(_DONE)
+
+    def _table(self, recs: list[dict[str, Any]]) -> pa.Table:
+        self._done += len(recs)
+        self._metrics.observe(recs)
+        self._metrics.set_in_flight(self._in_flight)
+        return pa.Table.from_pylist(recs, schema=self._schema)
+
+    async def run_shard(self, shard: Shard, skip: set[str]) -> AsyncIterator[pa.Table]:
+        """Yield tables of finished rows of ``shard``, leaving out the ids in ``skip``."""
+        out: asyncio.Queue[Any] = asyncio.Queue()
+        feeder = asyncio.create_task(self._feed(shard, skip, out))
+        loop = asyncio.get_running_loop()
+        buf: list[dict[str, Any]] = []
+        deadline = loop.time() + FLUSH_INTERVAL_S
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(out.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    item = None
+                if item is _DONE:
+                    break
+                if item is not None:
+                    buf.append(item)
+                due = loop.time() >= deadline
+                if len(buf) >= self._spec.flush_rows or due:
+                    yield self._table(buf)  # empty when idle: the driver's heartbeat
+                    buf = []
+                if due:
+                    deadline = loop.time() + FLUSH_INTERVAL_S
+            await feeder  # re-raises a read error of the shard
+            if buf:
+                yield self._table(buf)
+        finally:
+            feeder.cancel()
+
+    def progress(self) -> dict[str, int]:
+        return {"in_flight": self._in_flight, "done": self._done}

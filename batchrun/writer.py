@@ -1,0 +1,143 @@
+"""Results on disk: checkpoint parts, one final Parquet file per shard, atomically.
+
+Layout of the output folder:
+
+    results/shard-000012.parquet      final: exactly one row per input row of the shard
+    parts/shard-000012/part-*.parquet checkpoints written while the shard runs
+    summary.json                      written by summary.py at the end
+
+Every file is written to a temporary name in the same folder, fsynced, then
+renamed, so a reader (or a resumed job) sees a whole file or none. The driver
+is the only writer; workers hand it Arrow tables. A crash loses at most the
+rows not yet flushed to a part; a resume reads parts and finals to skip the
+rows already answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchrun.errors import OutputError
+
+__all__ = ["RESULT_FIELDS", "ResultsStore", "result_schema"]
+
+RESULT_FIELDS: list[pa.Field] = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("model", pa.string()),
+    pa.field("response", pa.string()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("total_tokens", pa.int64()),
+    pa.field("cost_usd", pa.float64()),
+    pa.field("latency_ms", pa.float64()),
+    pa.field("wait_ms", pa.float64()),  # time spent waiting on the rate limiter
+    pa.field("attempts", pa.int32()),
+    pa.field("status", pa.string()),  # ok | error
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("started_at", pa.timestamp("ms", tz="UTC")),
+    pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+]
+
+
+def result_schema(carry: pa.Schema | None = None) -> pa.Schema:
+    """The results schema: the fixed fields, then the carried input columns."""
+    fields = list(RESULT_FIELDS)
+    if carry is not None:
+        taken = {x.name for x in fields}
+        fields += [pa.field(f.name, f.type) for f in carry if f.name not in taken]
+    return pa.schema(fields)
+
+
+def _atomic_write(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # the folder may be the unwritable thing
+            tmp.unlink(missing_ok=True)
+        raise OutputError(
+            f"output: cannot write {path} ({e.strerror or e}); fix the folder's permissions or "
+            "free space and run the same command again to resume"
+        ) from e
+
+
+class ResultsStore:
+    """The output folder of one job, as seen by the driver."""
+
+    def __init__(self, output: str | Path, schema: pa.Schema):
+        self.root = Path(output)
+        self.schema = schema
+
+    def final_path(self, shard_name: str) -> Path:
+        return self.root / "results" / f"{shard_name}.parquet"
+
+    def _parts_dir(self, shard_name: str) -> Path:
+        return self.root / "parts" / shard_name
+
+    def write_part(self, shard_name: str, table: pa.Table) -> None:
+        """Checkpoint some finished rows of a running shard."""
+        if table.num_rows:
+            # time first, so names sort oldest first: the newest result of an id wins
+            name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.parquet"
+            _atomic_write(table.cast(self.schema), self._parts_dir(shard_name) / name)
+
+    def _existing(self, shard_name: str) -> Iterator[Path]:
+        final = self.final_path(shard_name)
+        if final.exists():
+            yield final
+        parts = self._parts_dir(shard_name)
+        if parts.is_dir():
+            yield from sorted(parts.glob("part-*.parquet"))
+
+    def read_shard(self, shard_name: str) -> pa.Table | None:
+        """Every result recorded for the shard, oldest first (duplicates not yet removed)."""
+        tables = [pq.read_table(p).cast(self.schema) for p in self._existing(shard_name)]
+        return pa.concat_tables(tables) if tables else None
+
+    def answered_ids(self, shard_name: str, *, redo_errors: bool) -> set[str]:
+        """Ids that must not be sent again: those with a result (only ``ok`` ones if redoing)."""
+        table = self.read_shard(shard_name)
+        if table is None:
+            return set()
+        if redo_errors:
+            table = table.filter(pc.equal(table["status"], "ok"))
+        return set(table["id"].to_pylist())
+
+    def finalize(self, shard_name: str) -> int:
+        """Merge parts (and an older final) into one file, the latest result per id wins."""
+        table = self.read_shard(shard_name)
+        if table is None:
+            table = self.schema.empty_table()
+        ids = table["id"].to_pylist()
+        last = {rid: i for i, rid in enumerate(ids)}  # later rows are newer attempts
+        if len(last) != len(ids):
+            table = table.take(sorted(last.values()))
+        _atomic_write(table, self.final_path(shard_name))
+        for part in self._parts_dir(shard_name).glob("part-*.parquet"):
+            part.unlink()
+        self._parts_dir(shard_name).rmdir() if self._parts_dir(shard_name).is_dir() else None
+        return table.num_rows
+
+    def is_final(self, shard_name: str) -> bool:
+        return self.final_path(shard_name).exists() and not self._parts_dir(shard_name).is_dir()
+
+    def result_files(self) -> list[Path]:
+        return sorted((self.root / "results").glob("shard-*.parquet"))

@@ -1,0 +1,111 @@
+"""The slot scheduler, pure: injected clock, no Ray, no HTTP."""
+
+from __future__ import annotations
+
+import bisect
+import random
+
+import pytest
+
+from batchrun.ratelimit import SlotScheduler, Window, windows_for
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    return max((bisect.bisect_left(times, t + window) - i for i, t in enumerate(times)), default=0)
+
+
+def simulate(
+    rpm: int, tpm: int | None, seconds: float, seed: int, costs: tuple[int, int] = (1, 1)
+) -> tuple[list[float], list[tuple[float, int]], SlotScheduler]:
+    """Workers lease at random moments and send at a random point inside each slot."""
+    rng = random.Random(seed)
+    clock = Clock()
+    s = SlotScheduler(windows_for(rpm, tpm), clock, validity=0.1, margin=0.0, horizon=0.5)
+    sends: list[float] = []
+    weighted: list[tuple[float, int]] = []
+    end = clock.t + seconds
+    while clock.t < end:
+        batch = [rng.randint(*costs) for _ in range(rng.randint(1, 40))]
+        g = s.grant(batch)
+        for start, cost in zip(g.starts, batch):
+            assert start is not None
+            at = start + rng.uniform(0, 0.1)  # anywhere in [start, start + validity]
+            sends.append(at)
+            weighted.append((at, cost))
+        clock.t += rng.expovariate(20.0)
+    return sends, weighted, s
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_window_ever_exceeds_rpm_or_its_sixth(seed: int) -> None:
+    sends, _, _ = simulate(rpm=600, tpm=None, seconds=180, seed=seed)
+    assert max_in_window(sends, 60.0) <= 600
+    assert max_in_window(sends, 10.0) <= 100
+
+
+def test_steady_rate_reaches_98_percent_of_the_limit() -> None:
+    sends, _, _ = simulate(rpm=3000, tpm=None, seconds=240, seed=7)
+    # after the first window, the 10 s window admits 500 per (10 + validity) s
+    steady = [t for t in sends if 1000 + 60 <= t < 1000 + 240]
+    rate_per_min = len(steady) / 180 * 60
+    assert rate_per_min >= 0.98 * 3000, rate_per_min
+    assert max_in_window(sends, 60.0) <= 3000
+
+
+def test_tpm_window_holds_with_varied_costs() -> None:
+    _, weighted, _ = simulate(rpm=100_000, tpm=20_000, seconds=150, seed=3, costs=(50, 900))
+    weighted.sort()
+    times = [t for t, _ in weighted]
+    for i, (t, _) in enumerate(weighted):
+        j = bisect.bisect_left(times, t + 60.0)
+        assert sum(c for _, c in weighted[i:j]) <= 20_000
+
+
+def test_cost_larger_than_tpm_is_rejected_not_queued() -> None:
+    s = SlotScheduler([Window(60, 100), Window(60, 1000, tokens=True)], Clock(), horizon=5.0)
+    g = s.grant([10, 5000, 10])
+    assert g.starts[1] is None and g.starts[0] is not None and g.starts[2] is not None
+
+
+def test_slots_are_paced_evenly_not_burst() -> None:
+    clock = Clock()
+    s = SlotScheduler([Window(10, 50)], clock, validity=0.1, margin=0.0, horizon=1.0)
+    g = s.grant([1] * 20)
+    gaps = [b - a for a, b in zip(g.starts, g.starts[1:])]
+    assert len(g.starts) == 5 and all(gap == pytest.approx(10.1 / 50) for gap in gaps)
+
+
+def test_horizon_caps_a_lease_and_says_when_to_return() -> None:
+    clock = Clock()
+    s = SlotScheduler([Window(10, 5)], clock, validity=0.1, margin=0.0, horizon=0.5)
+    g = s.grant([1] * 8)
+    assert len(g.starts) == 1
+    assert g.retry_at == pytest.approx(clock.t + 10.1 / 5 - 0.5)
+
+
+def test_pause_delays_every_later_grant() -> None:
+    clock = Clock()
+    s = SlotScheduler([Window(60, 1000)], clock, horizon=0.5)
+    s.pause_until(clock.t + 3)
+    g = s.grant([1])
+    assert g.starts == [] and g.retry_at == pytest.approx(clock.t + 2.5)
+    clock.t += 2.6
+    assert s.grant([1]).starts[0] == pytest.approx(clock.t + 0.4)
+
+
+def test_block_all_after_a_restart_keeps_the_limit() -> None:
+    clock = Clock()
+    s = SlotScheduler(windows_for(60, None), clock, validity=0.1, margin=0.0)
+    s.block_all(clock.t)
+    assert s.grant([1]).starts == []
+    clock.t += 60.15
+    assert len(s.grant([1]).starts) == 1

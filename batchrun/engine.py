@@ -46,6 +46,8 @@ class RowRunner:
         pause_all: Callable[[float], None],
         token_cost: Callable[[list[dict[str, Any]]], float] | None = None,
         price: ModelPrice | None = None,
+        check: Callable[[Completion], dict[str, Any]] | None = None,
+        extra_body: dict[str, Any] | None = None,
         rng: random.Random | None = None,
     ):
         self._spec = spec
@@ -54,8 +56,11 @@ class RowRunner:
         self._pause_all = pause_all
         self._token_cost = token_cost
         self._price = price
+        # check: validates an answer (structured outputs) and returns extra result
+        # fields; it raises RetryableError(error_type="invalid_output") to retry.
+        self._check = check
         self._rng = rng or random.Random()
-        self._fields = spec.generation.request_fields()
+        self._fields = {**spec.generation.request_fields(), **(extra_body or {})}
 
     def _record(self, row: RequestRow, started: datetime, **kw: Any) -> dict[str, Any]:
         rec: dict[str, Any] = {
@@ -93,8 +98,9 @@ class RowRunner:
             t0 = time.perf_counter()
             try:
                 c = await self._client.complete(body)
+                extra = self._check(c) if self._check else {}
                 return self._ok(row, started, c, attempts=attempt, wait_ms=wait * 1e3,
-                                latency_ms=(time.perf_counter() - t0) * 1e3)
+                                latency_ms=(time.perf_counter() - t0) * 1e3, **extra)
             except FatalRequestError as e:
                 last = e
                 break

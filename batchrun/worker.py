@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,6 +52,9 @@ class Worker:
         self._runner: RowRunner | None = None
         self._in_flight = 0
         self._done = 0
+        self._ok = 0
+        self._cost = 0.0
+        self._started = time.time()
 
     async def _api_key(self) -> str | None:
         name = self._spec.endpoint.api_key_env
@@ -108,6 +112,8 @@ class Worker:
 
     def _table(self, recs: list[dict[str, Any]]) -> pa.Table:
         self._done += len(recs)
+        self._ok += sum(r["status"] == "ok" for r in recs)
+        self._cost += sum(r.get("cost_usd") or 0.0 for r in recs)
         self._metrics.observe(recs)
         self._metrics.set_in_flight(self._in_flight)
         return pa.Table.from_pylist(recs, schema=self._schema)
@@ -141,5 +147,7 @@ class Worker:
         finally:
             feeder.cancel()
 
-    def progress(self) -> dict[str, int]:
-        return {"in_flight": self._in_flight, "done": self._done}
+    def progress(self) -> dict[str, float]:
+        """Live figures of this worker since it started (``batchrun status`` reads them)."""
+        return {"in_flight": self._in_flight, "done": self._done, "ok": self._ok,
+                "cost_usd": self._cost, "started_at": self._started, "now": time.time()}

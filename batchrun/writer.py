@@ -50,9 +50,10 @@ RESULT_FIELDS: list[pa.Field] = [
 ]
 
 
-def result_schema(carry: pa.Schema | None = None) -> pa.Schema:
-    """The results schema: the fixed fields, then the carried input columns."""
-    fields = list(RESULT_FIELDS)
+def result_schema(carry: pa.Schema | None = None,
+                  extra: list[pa.Field] | None = None) -> pa.Schema:
+    """The fixed fields, then mode-specific ones (``parsed``, ``batch_id``), then carried ones."""
+    fields = list(RESULT_FIELDS) + list(extra or [])
     if carry is not None:
         taken = {x.name for x in fields}
         fields += [pa.field(f.name, f.type) for f in carry if f.name not in taken]

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from batchrun.errors import BatchrunError
+from batchrun.errors import BatchrunError, BudgetExhausted
 
 __all__ = ["app", "main"]
 
@@ -68,6 +68,8 @@ def run(
     address: str = typer.Option(None, "--address", help="Ray cluster to join (or RAY_ADDRESS)."),
     retry_errors: bool = typer.Option(False, "--retry-errors",
                                       help="Re-send rows that ended in error."),
+    force: bool = typer.Option(False, "--force",
+                               help="Resume even though the inputs or request fields changed."),
     ds: str = typer.Option(None, "--ds", help="Run date substituted for {ds} in paths."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     no_dashboard: bool = typer.Option(False, "--no-dashboard", help="Local Ray without dashboard."),
@@ -79,7 +81,7 @@ def run(
     from batchrun.summary import render_summary
 
     _logging(verbose)
-    opts = RunOptions(address=address, retry_errors=retry_errors, ds=ds,
+    opts = RunOptions(address=address, retry_errors=retry_errors, force=force, ds=ds,
                       progress=not no_progress and sys.stderr.isatty(),
                       include_dashboard=False if no_dashboard else None)
     summary = run_job(spec, opts)
@@ -89,6 +91,10 @@ def run(
         print(json.dumps(summary.model_dump(), indent=2))
     else:
         Console().print(render_summary(summary))
+    if summary.budget_exhausted:
+        err_console.print(f"budget exhausted: {summary.unsent:,} rows left unsent; raise "
+                          "budget.max_cost_usd (or wait for a new day) and run again to resume")
+        raise typer.Exit(BudgetExhausted.exit_code)
 
 
 def main() -> None:

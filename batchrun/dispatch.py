@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError
 
-from batchrun.errors import ClusterError
+from batchrun.errors import BatchrunError, ClusterError
 from batchrun.shards import Shard
 from batchrun.writer import ResultsStore
 
@@ -43,25 +43,44 @@ class ShardPlan:
     skip: set[str] = field(default_factory=set)
 
 
+def _first_cause(eg: BaseExceptionGroup) -> BaseException:
+    """The first of our own errors in a (nested) group, else the first error at all."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [eg]
+    while stack:
+        e = stack.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            stack[:0] = list(e.exceptions)
+        else:
+            leaves.append(e)
+    return next((e for e in leaves if isinstance(e, BatchrunError)), leaves[0])
+
+
 class Dispatcher:
-    def __init__(self, workers: list[Any], store: ResultsStore,
+    def __init__(self, limiter: Any, workers: list[Any], store: ResultsStore,
                  on_rows: Callable[[int], None]):
+        self._limiter = limiter
         self._workers = workers
         self._store = store
         self._on_rows = on_rows
         self.worker_restarts = 0
+        self.budget_exhausted = False
 
     async def run(self, plans: list[ShardPlan]) -> None:
         queue = deque(plans)
 
         async def lane(worker: Any) -> None:
-            while queue:
+            while queue and not self.budget_exhausted:
                 await self._run_shard(worker, queue.popleft())
 
-        async with asyncio.TaskGroup() as tg:
-            for w in self._workers:
-                for _ in range(SHARDS_PER_WORKER):
-                    tg.create_task(lane(w))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for w in self._workers:
+                    for _ in range(SHARDS_PER_WORKER):
+                        tg.create_task(lane(w))
+        except ExceptionGroup as eg:
+            # one lane failing cancels the others; report the cause, not the group
+            raise _first_cause(eg) from eg
 
     async def _stream(self, worker: Any, plan: ShardPlan) -> None:
         name = plan.shard.name
@@ -92,6 +111,9 @@ class Dispatcher:
                 continue
             rows = await asyncio.to_thread(self._store.finalize, plan.shard.name)
             if rows >= plan.shard.num_rows:
+                return
+            if await asyncio.wait_for(self._limiter.exhausted.remote(), STALL_S):
+                self.budget_exhausted = True  # the rest stays unsent, for a later run
                 return
             log.warning("%s has %d of %d rows; running it again for the rest",
                         plan.shard.name, rows, plan.shard.num_rows)

@@ -11,17 +11,46 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from batchrun.client import ChatClient, Completion
-from batchrun.errors import FatalRequestError, RateLimited, RequestError, RetryableError
+from batchrun.errors import (
+    BudgetExhausted,
+    FatalRequestError,
+    RateLimited,
+    RequestError,
+    RetryableError,
+)
 from batchrun.permits import PermitPool, PermitTooLarge
 from batchrun.pricing import ModelPrice, cost_usd
 from batchrun.shards import RequestRow
 from batchrun.spec import JobSpec, RetrySpec
 
 __all__ = ["RowRunner", "backoff_s"]
+
+
+@dataclass
+class _Bill:
+    """Tokens and cost of every billed attempt of one row (invalid answers are billed too)."""
+
+    prompt: int = 0
+    completion: int = 0
+    usd: float = 0.0
+    billed: bool = False
+
+    def add(self, c: Completion, usd: float) -> None:
+        self.prompt += c.prompt_tokens
+        self.completion += c.completion_tokens
+        self.usd += usd
+        self.billed = True
+
+    def fields(self) -> dict[str, Any]:
+        if not self.billed:
+            return {}
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                "total_tokens": self.prompt + self.completion, "cost_usd": self.usd}
 
 
 def backoff_s(attempt: int, policy: RetrySpec, rng: random.Random) -> float:
@@ -45,6 +74,7 @@ class RowRunner:
         *,
         pause_all: Callable[[float], None],
         token_cost: Callable[[list[dict[str, Any]]], float] | None = None,
+        usd_cost: Callable[[list[dict[str, Any]]], float] | None = None,
         price: ModelPrice | None = None,
         check: Callable[[Completion], dict[str, Any]] | None = None,
         extra_body: dict[str, Any] | None = None,
@@ -55,6 +85,7 @@ class RowRunner:
         self._permits = permits
         self._pause_all = pause_all
         self._token_cost = token_cost
+        self._usd_cost = usd_cost  # worst case of one attempt, reserved before it is sent
         self._price = price
         # check: validates an answer (structured outputs) and returns extra result
         # fields; it raises RetryableError(error_type="invalid_output") to retry.
@@ -70,48 +101,64 @@ class RowRunner:
         rec.update(kw)
         return rec
 
-    def _ok(self, row: RequestRow, started: datetime, c: Completion, **kw: Any) -> dict[str, Any]:
-        return self._record(
-            row, started, response=c.text, finish_reason=c.finish_reason,
-            prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-            total_tokens=c.total_tokens,
-            cost_usd=cost_usd(self._price, c.prompt_tokens, c.completion_tokens)
-            if self._price else None, **kw,
-        )
+    def _billed(self, c: Completion) -> float:
+        return cost_usd(self._price, c.prompt_tokens, c.completion_tokens) if self._price else 0.0
 
-    async def run(self, row: RequestRow) -> dict[str, Any]:
-        """Attempts until success, a fatal error or ``max_attempts``; always a record."""
+    def _settle_failure(self, usd: float | None, e: RequestError) -> None:
+        # a timed-out or cut request may still have been processed and billed: assume
+        # the worst; a 429/5xx/4xx answer was not billed
+        if usd is not None:
+            unknown = e.error_type in ("timeout", "connection")
+            self._permits.settle(usd, usd if unknown else 0.0)
+
+    async def run(self, row: RequestRow) -> dict[str, Any] | None:
+        """Attempts until success, a fatal error or ``max_attempts``.
+
+        Returns the row's one result record, or None when the budget refused to pay
+        for it: the row stays unsent, for a later run.
+        """
         started = _now()
         if row.messages is None:
             return self._record(row, started, status="error", error_type="bad_row",
                                 error_message=row.error)
         body = {"model": self._spec.model, "messages": row.messages, **self._fields}
         cost = self._token_cost(row.messages) if self._token_cost else 1.0
-        wait = 0.0
+        usd = self._usd_cost(row.messages) if self._usd_cost else None
+        wait, bill = 0.0, _Bill()
         last: RequestError | None = None
         for attempt in range(1, self._spec.retry.max_attempts + 1):
             try:
-                wait += await self._permits.acquire(cost)
+                wait += await self._permits.acquire(cost, usd)
             except PermitTooLarge as e:
                 return self._record(row, started, status="error", error_type="too_many_tokens",
-                                    error_message=str(e), wait_ms=wait * 1e3)
+                                    error_message=str(e), wait_ms=wait * 1e3, **bill.fields())
+            except BudgetExhausted:
+                return None
             t0 = time.perf_counter()
             try:
                 c = await self._client.complete(body)
+                bill.add(c, self._billed(c))
+                if usd is not None:
+                    self._permits.settle(usd, self._billed(c))
                 extra = self._check(c) if self._check else {}
-                return self._ok(row, started, c, attempts=attempt, wait_ms=wait * 1e3,
-                                latency_ms=(time.perf_counter() - t0) * 1e3, **extra)
+                return self._record(
+                    row, started, response=c.text, finish_reason=c.finish_reason,
+                    attempts=attempt, wait_ms=wait * 1e3, **bill.fields(),
+                    latency_ms=(time.perf_counter() - t0) * 1e3, **extra)
             except FatalRequestError as e:
+                self._settle_failure(usd, e)
                 last = e
                 break
             except RetryableError as e:
+                if e.error_type != "invalid_output":  # an invalid answer was settled above
+                    self._settle_failure(usd, e)
                 last = e
                 if attempt < self._spec.retry.max_attempts:
                     await asyncio.sleep(self._delay(e, attempt))
         assert last is not None
         return self._record(
             row, started, status="error", error_type=last.error_type, error_message=str(last),
-            attempts=attempt, wait_ms=wait * 1e3,
+            attempts=attempt, wait_ms=wait * 1e3, **bill.fields(),
         )
 
     def _delay(self, e: RetryableError, attempt: int) -> float:

@@ -9,14 +9,18 @@ limit still holds, at the price of one window's pause (see ``block_all``).
 from __future__ import annotations
 
 import time
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
+from batchrun.budget import DailyLedger
 from batchrun.permits import LeaseAnswer
 from batchrun.ratelimit import SlotScheduler, windows_for
+from batchrun.spending import Spending
 
-__all__ = ["RateLimiter", "limiter_name"]
+__all__ = ["BudgetConfig", "RateLimiter", "limiter_name"]
 
 # Shared by the scheduler and the workers' permit pools: a slot's width, seconds.
 SLOT_VALIDITY_S = 0.05
@@ -26,24 +30,81 @@ def limiter_name(job: str) -> str:
     return f"batchrun:{job}:rate-limiter"
 
 
+@dataclass(frozen=True)
+class BudgetConfig:
+    """What the limiter's spending gate needs (plain data: it is an actor argument)."""
+
+    job_cap_usd: float | None
+    daily_usd: float | None = None
+    ledger_dir: str | None = None
+    timezone: str = "UTC"
+    job_id: str = ""
+
+
+def _spending(cfg: BudgetConfig | None) -> Spending | None:
+    if cfg is None or (cfg.job_cap_usd is None and cfg.daily_usd is None):
+        return None
+    ledger = None
+    if cfg.daily_usd is not None and cfg.ledger_dir:
+        ledger = DailyLedger(cfg.ledger_dir, cfg.timezone, cfg.daily_usd)
+    return Spending(cfg.job_cap_usd, ledger, cfg.job_id)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class RateLimiter:
-    def __init__(self, rpm: int, tpm: int | None, horizon_s: float = 0.5):
+    def __init__(self, rpm: int, tpm: int | None, budget: BudgetConfig | None = None,
+                 horizon_s: float = 0.5):
         self._sched = SlotScheduler(
             windows_for(rpm, tpm), time.monotonic, validity=SLOT_VALIDITY_S, horizon=horizon_s
         )
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():  # deprecated in 2.60 with no replacement for this
+            warnings.simplefilter("ignore")
+            self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if self.restarted:
             self._sched.block_all(time.monotonic())
+        # A restarted limiter has lost its reservations: it refuses all spending
+        # (the run stops as budget-exhausted; a rerun recomputes from the results).
+        self._spending = _spending(budget)
+        if self.restarted and self._spending is not None:
+            self._spending.exhausted = True
         self._leases = 0
 
-    def lease(self, costs: list[float]) -> LeaseAnswer:
+    def lease(self, costs: list[float], usd: list[float] | None = None,
+              settle: list[tuple[float, float]] | None = None) -> LeaseAnswer:
+        """Send slots for a prefix of ``costs``; with ``usd``, each one's worst case reserved."""
         self._leases += 1
-        g = self._sched.grant(costs)
-        return LeaseAnswer(g.now, g.starts, g.retry_at, g.paused_until)
+        sp = self._spending
+        if sp is not None:
+            for reserved, actual in settle or ():
+                sp.settle(reserved, actual)
+        n = len(costs)
+        if sp is not None and usd is not None:
+            n = next((i for i, u in enumerate(usd) if not sp.try_reserve(u)), n)
+        g = self._sched.grant(costs[:n])
+        if sp is not None and usd is not None:
+            for i in range(n):  # reservations of requests that got no slot this time
+                if i >= len(g.starts) or g.starts[i] is None:
+                    sp.release(usd[i])
+            sp.flush()
+        exhausted = sp is not None and sp.exhausted and len(g.starts) == n
+        return LeaseAnswer(g.now, g.starts, g.retry_at, g.paused_until, exhausted)
+
+    def exhausted(self) -> bool:
+        return self._spending is not None and self._spending.exhausted
+
+    def close(self) -> dict[str, Any]:
+        """Hand unused daily allowance back; returns the final figures."""
+        if self._spending is not None:
+            self._spending.close()
+        return self.stats()
 
     def pause(self, seconds: float) -> None:
         self._sched.pause_until(time.monotonic() + seconds)
 
     def stats(self) -> dict[str, Any]:
-        return {"granted": self._sched.granted, "leases": self._leases, "restarted": self.restarted}
+        sp = self._spending
+        return {"granted": self._sched.granted, "leases": self._leases,
+                "restarted": self.restarted,
+                "spent_usd": sp.book.spent if sp else None,
+                "reserved_usd": sp.book.reserved if sp else None,
+                "budget_exhausted": bool(sp and sp.exhausted)}

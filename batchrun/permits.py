@@ -21,7 +21,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+
+from batchrun.errors import BudgetExhausted
 
 __all__ = ["LeaseAnswer", "PermitPool", "PermitTooLarge"]
 
@@ -38,9 +39,13 @@ class LeaseAnswer:
     starts: list[float | None]
     retry_at: float | None
     paused_until: float
+    exhausted: bool = False  # the budget refused the first request left without a slot
 
 
-LeaseFn = Callable[[list[float]], Awaitable[LeaseAnswer]]
+# lease(token costs, worst-case USD per request or None, settlements (reserved, actual))
+LeaseFn = Callable[[list[float], list[float] | None, list[tuple[float, float]]],
+                   Awaitable[LeaseAnswer]]
+_Waiter = tuple[float, float | None, "asyncio.Future[tuple[float, float]]"]
 
 
 class PermitPool:
@@ -52,7 +57,9 @@ class PermitPool:
         self._validity = validity
         self._max_batch = max_batch
         self._clock = clock
-        self._waiting: deque[tuple[float, asyncio.Future[tuple[float, float]]]] = deque()
+        self._waiting: deque[_Waiter] = deque()
+        self._settle: list[tuple[float, float]] = []
+        self.exhausted = False
         self._leaser: asyncio.Task[None] | None = None
         self._local_pause = 0.0
         self.round_trips = 0
@@ -62,12 +69,27 @@ class PermitPool:
         """Hold this worker's own sends too, without waiting for the next lease."""
         self._local_pause = max(self._local_pause, self._clock() + seconds)
 
-    async def acquire(self, cost: float) -> float:
-        """Wait for a send slot; returns the seconds spent waiting."""
+    def settle(self, reserved: float, actual: float) -> None:
+        """Report what a reserved request cost; sent with the next lease (or ``flush``)."""
+        self._settle.append((reserved, actual))
+
+    async def flush(self) -> None:
+        """Send pending settlements now (at the end of a shard)."""
+        if self._settle:
+            pending, self._settle = self._settle, []
+            await self._lease([], [], pending)
+
+    async def acquire(self, cost: float, usd: float | None = None) -> float:
+        """Wait for a send slot (and a budget reservation of ``usd``); returns seconds waited.
+
+        Raises ``BudgetExhausted`` when the budget refuses the reservation.
+        """
         t0 = self._clock()
         while True:
+            if self.exhausted:
+                raise BudgetExhausted("the job's budget is exhausted")
             fut: asyncio.Future[tuple[float, float]] = asyncio.get_running_loop().create_future()
-            self._waiting.append((cost, fut))
+            self._waiting.append((cost, usd, fut))
             if self._leaser is None or self._leaser.done():
                 self._leaser = asyncio.create_task(self._lease_loop())
             earliest, latest = await fut
@@ -78,31 +100,45 @@ class PermitPool:
             if now <= latest and now >= self._local_pause:
                 return now - t0
             self.slots_dropped += 1  # too late for the slot, or paused: ask again
+            if usd is not None:
+                self.settle(usd, 0.0)  # that slot's reservation is returned
 
     async def _lease_loop(self) -> None:
         while self._waiting:
             n = min(len(self._waiting), self._max_batch)
             batch = [self._waiting.popleft() for _ in range(n)]
-            batch = [(c, f) for c, f in batch if not f.done()]  # cancelled waiters
+            batch = [w for w in batch if not w[2].done()]  # cancelled waiters
             if not batch:
                 continue
+            usd = [w[1] or 0.0 for w in batch] if batch[0][1] is not None else None
+            pending, self._settle = self._settle, []
             try:
                 t_sent = self._clock()
-                answer = await self._lease([c for c, _ in batch])
+                answer = await self._lease([w[0] for w in batch], usd, pending)
                 t_recv = self._clock()
             except BaseException as e:  # the limiter is unreachable: fail these waiters
-                for _, f in batch:
+                for _, _, f in batch:
                     if not f.done():
                         f.set_exception(e if isinstance(e, Exception) else RuntimeError(e))
                 raise
             self.round_trips += 1
             self._hand_out(batch, answer, t_sent, t_recv)
+            if answer.exhausted:
+                self._refuse_all()
+                return
             if answer.retry_at is not None and self._waiting:
                 await asyncio.sleep(max(0.0, answer.retry_at - answer.now))
 
-    def _hand_out(self, batch: list[tuple[float, Any]], answer: LeaseAnswer,
+    def _refuse_all(self) -> None:
+        self.exhausted = True
+        while self._waiting:
+            _, _, fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_exception(BudgetExhausted("the job's budget is exhausted"))
+
+    def _hand_out(self, batch: list[_Waiter], answer: LeaseAnswer,
                   t_sent: float, t_recv: float) -> None:
-        for (cost, fut), start in zip(batch, answer.starts):
+        for (cost, _, fut), start in zip(batch, answer.starts):
             if fut.done():
                 continue
             if start is None:
@@ -112,5 +148,5 @@ class PermitPool:
             offset = start - answer.now
             fut.set_result((t_recv + offset, t_sent + offset + self._validity))
         # the waiters the limiter had no slot for go back to the front, in order
-        for cost, fut in reversed(batch[len(answer.starts):]):
-            self._waiting.appendleft((cost, fut))
+        for waiter in reversed(batch[len(answer.starts):]):
+            self._waiting.appendleft(waiter)

@@ -36,9 +36,11 @@ from rich.progress import (
 
 from batchrun.dispatch import Dispatcher, ShardPlan
 from batchrun.errors import ClusterError, UserError
-from batchrun.limiter import RateLimiter, limiter_name
+from batchrun.limiter import BudgetConfig, RateLimiter, limiter_name
+from batchrun.metrics import JobMetrics
 from batchrun.pricing import price_for
-from batchrun.shards import Shard, plan_shards
+from batchrun.resume import check_fingerprint, refuse_duplicates
+from batchrun.shards import Shard, plan_shards, validate_input
 from batchrun.spec import JobSpec, load_spec, resolve_api_key
 from batchrun.summary import Summary, save_summary, summarize
 from batchrun.worker import Worker, worker_name
@@ -54,6 +56,7 @@ WORKER_CPUS = 1.0
 class RunOptions:
     address: str | None = None
     retry_errors: bool = False
+    force: bool = False
     ds: str | None = None
     progress: bool = True
     include_dashboard: bool | None = None
@@ -112,20 +115,31 @@ def _plans(spec: JobSpec, shards: list[Shard], store: ResultsStore,
     """Shards with work left, and how many rows already have a final answer."""
     plans, done = [], 0
     for shard in shards:
-        if store.is_final(shard.name) and not redo_errors:
+        if store.final_rows(shard.name) == shard.num_rows and not redo_errors:
             done += shard.num_rows
             continue
         skip = store.answered_ids(shard.name, redo_errors=redo_errors)
         done += len(skip)
-        if len(skip) < shard.num_rows or not store.is_final(shard.name):
+        if len(skip) < shard.num_rows or store.final_rows(shard.name) is None:
             plans.append(ShardPlan(shard, skip))
     return plans, done
 
 
-def _start_actors(spec: JobSpec, key: str | None, schema: pa.Schema) -> list[Any]:
+def _budget(spec: JobSpec, store: ResultsStore) -> BudgetConfig | None:
+    """This run's spending gate: the job cap minus what earlier runs already spent."""
+    b = spec.budget
+    if b.max_cost_usd is None and b.daily_usd is None:
+        return None
+    cap = None if b.max_cost_usd is None else max(0.0, b.max_cost_usd - store.spent_usd())
+    return BudgetConfig(job_cap_usd=cap, daily_usd=b.daily_usd, ledger_dir=b.ledger_dir,
+                        timezone=b.timezone, job_id=f"{spec.name}:{os.getpid()}")
+
+
+def _start_actors(spec: JobSpec, key: str | None, schema: pa.Schema,
+                  budget: BudgetConfig | None) -> list[Any]:
     try:
         limiter = RateLimiter.options(  # type: ignore[attr-defined]
-            name=limiter_name(spec.name)).remote(spec.limits.rpm, spec.limits.tpm)
+            name=limiter_name(spec.name)).remote(spec.limits.rpm, spec.limits.tpm, budget)
     except ValueError as e:  # the name is taken: the same job is running on this cluster
         raise UserError(f"job {spec.name!r} is already running on this Ray cluster "
                         "(its actors exist); wait for it or stop it first") from e
@@ -134,10 +148,21 @@ def _start_actors(spec: JobSpec, key: str | None, schema: pa.Schema) -> list[Any
     workers = [
         Worker.options(  # type: ignore[attr-defined]
             name=worker_name(spec.name, i), num_cpus=WORKER_CPUS).remote(
-            spec, per_worker, key_box, schema)
+            spec, per_worker, key_box, schema, budget is not None)
         for i in range(spec.workers)
     ]
     return [limiter, *workers]
+
+
+def _stop_actors(actors: list[Any]) -> None:
+    """Return unused daily allowance, then remove every actor of the job."""
+    try:
+        ray.get(actors[0].close.remote(), timeout=30)
+    except (ray.exceptions.RayError, TimeoutError) as e:
+        log.warning("rate limiter did not close cleanly (%s); its daily reservations "
+                    "are released by the next run's ledger cleanup", type(e).__name__)
+    for a in actors:
+        ray.kill(a, no_restart=True)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -150,7 +175,9 @@ def _progress(enabled: bool) -> Progress:
 
 
 def _run_dispatch(spec: JobSpec, actors: list[Any], store: ResultsStore,
-                  plans: list[ShardPlan], total: int, done: int, opts: RunOptions) -> None:
+                  plans: list[ShardPlan], total: int, done: int, opts: RunOptions) -> bool:
+    """Run the plans; returns whether the budget ran out."""
+    metrics = JobMetrics(spec.name)
     with _progress(opts.progress) as bar:
         task = bar.add_task(spec.name, total=total, completed=done, rate="-")
         t0, count = time.monotonic(), 0
@@ -160,38 +187,48 @@ def _run_dispatch(spec: JobSpec, actors: list[Any], store: ResultsStore,
             count += n
             rate = count / max(time.monotonic() - t0, 1e-9)
             bar.update(task, advance=n, rate=f"{rate:,.0f}")
+            metrics.set_remaining(total - done - count)
 
-        asyncio.run(Dispatcher(actors[1:], store, on_rows).run(plans))
+        dispatcher = Dispatcher(actors[0], actors[1:], store, on_rows)
+        asyncio.run(dispatcher.run(plans))
+        return dispatcher.budget_exhausted
 
 
 def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
     """Run (or resume) the job in ``spec_path``; returns its summary."""
     spec = load_spec(spec_path, ds=opts.ds)
     price_for(spec)  # a model with no price is refused before anything runs
-    shards = plan_shards(spec)
+    files = validate_input(spec)
+    shards = plan_shards(spec, files)
     total = sum(s.num_rows for s in shards)
+    refuse_duplicates(spec, files)
+    store = ResultsStore(spec.output, result_schema(_carry_schema(spec, shards)))
+    store.check_writable()
+    check_fingerprint(spec, files, force=opts.force)
     with simulated_provider(spec) as spec:
         key = resolve_api_key(spec, spec_path=spec_path)
-        store = ResultsStore(spec.output, result_schema(_carry_schema(spec, shards)))
         plans, done = _plans(spec, shards, store, opts.retry_errors)
         started = datetime.now(UTC)
-        ray_s, started_ray = 0.0, False
+        ray_s, started_ray, exhausted = 0.0, False, False
         t0 = time.monotonic()
+        budget = _budget(spec, store)
+        if plans and budget is not None and budget.job_cap_usd == 0.0:
+            exhausted, plans = True, []  # earlier runs spent the whole cap
         if plans:
             ray_s, started_ray = _connect(opts, spec)
             t0 = time.monotonic()
-            actors = _start_actors(spec, key, store.schema)
+            actors = _start_actors(spec, key, store.schema, budget)
             try:
-                _run_dispatch(spec, actors, store, plans, total, done, opts)
+                exhausted = _run_dispatch(spec, actors, store, plans, total, done, opts)
             finally:
-                for a in actors:
-                    ray.kill(a, no_restart=True)
+                _stop_actors(actors)
                 if started_ray:
                     ray.shutdown()
         else:
             log.info("job %s is already complete: %d rows in %s", spec.name, total, spec.output)
         summary = summarize(store.result_files(), job=spec.name, wall_s=time.monotonic() - t0,
                             run_started=started, total_rows=total,
-                            ray_startup_s=ray_s if started_ray else None)
+                            ray_startup_s=ray_s if started_ray else None,
+                            budget_exhausted=exhausted)
         save_summary(summary, Path(spec.output) / "summary.json")
         return summary

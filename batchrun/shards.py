@@ -146,9 +146,9 @@ def _file_shards(pf: pq.ParquetFile, shard_rows: int) -> Iterator[tuple[int, int
         yield start, pos
 
 
-def plan_shards(spec: JobSpec) -> list[Shard]:
+def plan_shards(spec: JobSpec, files: list[str] | None = None) -> list[Shard]:
     """All shards of the job, in a stable order (file name, then row)."""
-    files = validate_input(spec)
+    files = files if files is not None else validate_input(spec)
     root = _root_of(spec)
     shards: list[Shard] = []
     for path in files:

@@ -51,6 +51,8 @@ class Summary(BaseModel):
     total_tokens: int = Field(description="All tokens billed.")
     cost_usd: float = Field(description="Spend, USD.")
     ray_startup_s: float | None = Field(None, description="Seconds to start or join Ray.")
+    budget_exhausted: bool = Field(False, description="The budget stopped dispatch; rerun "
+                                   "with a raised cap or on a new day to send the rest.")
 
 
 def percentile(values: pa.Array, qs: list[float]) -> list[float | None]:
@@ -70,7 +72,8 @@ def _sum(col: pa.ChunkedArray | pa.Array) -> float:
 
 
 def summarize(files: list[Path], *, job: str, wall_s: float, run_started: datetime,
-              total_rows: int, ray_startup_s: float | None = None) -> Summary:
+              total_rows: int, ray_startup_s: float | None = None,
+              budget_exhausted: bool = False) -> Summary:
     t = _read(files)
     status = t["status"]
     ok_mask = pc.equal(status, "ok")
@@ -98,7 +101,7 @@ def summarize(files: list[Path], *, job: str, wall_s: float, run_started: dateti
         prompt_tokens=int(_sum(t["prompt_tokens"])),
         completion_tokens=int(_sum(t["completion_tokens"])),
         total_tokens=int(_sum(t["total_tokens"])), cost_usd=_sum(t["cost_usd"]),
-        ray_startup_s=ray_startup_s,
+        ray_startup_s=ray_startup_s, budget_exhausted=budget_exhausted,
     )
 
 

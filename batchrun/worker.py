@@ -22,12 +22,13 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from batchrun.budget import DEFAULT_MARGIN
 from batchrun.client import ChatClient, open_session
 from batchrun.engine import RowRunner
 from batchrun.limiter import SLOT_VALIDITY_S, limiter_name
 from batchrun.metrics import JobMetrics
 from batchrun.permits import LeaseAnswer, PermitPool
-from batchrun.pricing import price_for
+from batchrun.pricing import price_for, worst_case_usd
 from batchrun.shards import Shard, iter_shard_rows
 from batchrun.spec import JobSpec
 from batchrun.tokens import count_chat_tokens
@@ -44,8 +45,10 @@ def worker_name(job: str, index: int) -> str:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class Worker:
-    def __init__(self, spec: JobSpec, concurrency: int, key_box: list[Any], schema: pa.Schema):
+    def __init__(self, spec: JobSpec, concurrency: int, key_box: list[Any], schema: pa.Schema,
+                 budgeted: bool = False):
         self._spec = spec
+        self._budgeted = budgeted
         self._concurrency = concurrency
         self._key_box = key_box
         self._schema = schema
@@ -71,17 +74,26 @@ class Worker:
         self._session = open_session(spec.endpoint, self._concurrency)
         self._permits = PermitPool(self._lease, validity=SLOT_VALIDITY_S)
         self._metrics = JobMetrics(spec.name)
-        cost = None
-        if spec.limits.tpm:
-            def cost(msgs: list[dict[str, Any]]) -> float:
-                return count_chat_tokens(msgs, spec.model) + spec.generation.max_tokens
+        price = price_for(spec)
         client = ChatClient(self._session, spec.endpoint, await self._api_key())
-        self._runner = RowRunner(spec, client, self._permits, pause_all=self._pause_all,
-                                 token_cost=cost, price=price_for(spec))
+        self._runner = RowRunner(
+            spec, client, self._permits, pause_all=self._pause_all, price=price,
+            token_cost=self._tokens if spec.limits.tpm else None,
+            usd_cost=self._worst_usd if self._budgeted else None)
         return self._runner
 
-    async def _lease(self, costs: list[float]) -> LeaseAnswer:
-        return await self._limiter.lease.remote(costs)
+    def _tokens(self, msgs: list[dict[str, Any]]) -> float:
+        """What the TPM limit counts: the prompt estimate plus max_tokens."""
+        return count_chat_tokens(msgs, self._spec.model) + self._spec.generation.max_tokens
+
+    def _worst_usd(self, msgs: list[dict[str, Any]]) -> float:
+        prompt = count_chat_tokens(msgs, self._spec.model)
+        return worst_case_usd(price_for(self._spec), prompt, self._spec.generation.max_tokens,
+                              margin=DEFAULT_MARGIN)
+
+    async def _lease(self, costs: list[float], usd: list[float] | None,
+                     settle: list[tuple[float, float]]) -> LeaseAnswer:
+        return await self._limiter.lease.remote(costs, usd, settle)
 
     def _pause_all(self, seconds: float) -> None:
         self._permits.pause(seconds)
@@ -90,7 +102,9 @@ class Worker:
     async def _one(self, runner: RowRunner, row: Any, out: asyncio.Queue[Any]) -> None:
         self._in_flight += 1
         try:
-            out.put_nowait(await runner.run(row))
+            rec = await runner.run(row)
+            if rec is not None:
+                out.put_nowait(rec)  # None: the budget refused it; the row stays unsent
         finally:
             self._in_flight -= 1
             self._sem.release()
@@ -102,11 +116,14 @@ class Worker:
             async with asyncio.TaskGroup() as tg:
                 # Parquet reads block: do them off the event loop that serves requests
                 while (batch := await asyncio.to_thread(next, rows, None)) is not None:
+                    if self._permits.exhausted:
+                        break  # the budget is spent: read no further
                     for row in batch:
                         if row.id in skip:
                             continue
                         await self._sem.acquire()  # bounded: at most `concurrency` tasks
                         tg.create_task(self._one(runner, row, out))
+            await self._permits.flush()  # the shard's last settlements
         finally:
             out.put_nowait(_DONE)
 

@@ -16,6 +16,7 @@ rows already answered.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import uuid
@@ -27,6 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrun.errors import OutputError
+
+log = logging.getLogger("batchrun")
 
 __all__ = ["RESULT_FIELDS", "ResultsStore", "result_schema"]
 
@@ -108,9 +111,32 @@ class ResultsStore:
         if parts.is_dir():
             yield from sorted(parts.glob("part-*.parquet"))
 
+    def check_writable(self) -> None:
+        """Fail before any request is sent, not after paying for the first batch."""
+        probe = self.root / f".write-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise OutputError(f"output: cannot write to {self.root} ({e.strerror or e}); "
+                              "fix the folder's permissions or choose another output") from e
+
+    def _read(self, path: Path) -> pa.Table | None:
+        """One results file; a corrupt one is moved to quarantine/ and its rows redone."""
+        try:
+            return pq.read_table(path).cast(self.schema)
+        except (pa.ArrowInvalid, OSError) as e:
+            dest = self.root / "quarantine" / f"{path.parent.name}-{path.name}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+            log.warning("corrupt results file %s (%s): moved to %s; its rows will be sent again",
+                        path, e, dest)
+            return None
+
     def read_shard(self, shard_name: str) -> pa.Table | None:
         """Every result recorded for the shard, oldest first (duplicates not yet removed)."""
-        tables = [pq.read_table(p).cast(self.schema) for p in self._existing(shard_name)]
+        tables = [t for p in self._existing(shard_name) if (t := self._read(p)) is not None]
         return pa.concat_tables(tables) if tables else None
 
     def answered_ids(self, shard_name: str, *, redo_errors: bool) -> set[str]:
@@ -137,8 +163,27 @@ class ResultsStore:
         self._parts_dir(shard_name).rmdir() if self._parts_dir(shard_name).is_dir() else None
         return table.num_rows
 
-    def is_final(self, shard_name: str) -> bool:
-        return self.final_path(shard_name).exists() and not self._parts_dir(shard_name).is_dir()
+    def final_rows(self, shard_name: str) -> int | None:
+        """Rows of the shard's final file, if it is whole and no parts wait to be merged."""
+        path = self.final_path(shard_name)
+        if not path.exists() or self._parts_dir(shard_name).is_dir():
+            return None
+        try:
+            return int(pq.read_metadata(path).num_rows)
+        except (pa.ArrowInvalid, OSError):
+            self._read(path)  # quarantines it
+            return None
+
+    def spent_usd(self) -> float:
+        """What the rows already on disk cost (finals and parts), for the budget of a resume."""
+        files = list((self.root / "results").glob("shard-*.parquet"))
+        files += list((self.root / "parts").glob("shard-*/part-*.parquet"))
+        total = 0.0
+        for f in files:
+            with contextlib.suppress(pa.ArrowInvalid, OSError, KeyError):
+                col = pq.read_table(f, columns=["cost_usd"])["cost_usd"]
+                total += float(pc.sum(col).as_py() or 0.0)
+        return total
 
     def result_files(self) -> list[Path]:
         return sorted((self.root / "results").glob("shard-*.parquet"))

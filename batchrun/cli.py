@@ -24,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Batch inference over OpenAI-compatible APIs on Ray.")
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+EXIT_PENDING = 10  # batch mode --no-wait: batches submitted, not finished (the scheduler knows)
 
 
 def clean_errors(fn: F) -> F:
@@ -68,6 +69,9 @@ def run(
     address: str = typer.Option(None, "--address", help="Ray cluster to join (or RAY_ADDRESS)."),
     retry_errors: bool = typer.Option(False, "--retry-errors",
                                       help="Re-send rows that ended in error."),
+    mode: str = typer.Option(None, "--mode", help="online or batch (overrides the spec)."),
+    no_wait: bool = typer.Option(False, "--no-wait",
+                                 help="Batch mode: submit and exit 10; rerun later to collect."),
     force: bool = typer.Option(False, "--force",
                                help="Resume even though the inputs or request fields changed."),
     ds: str = typer.Option(None, "--ds", help="Run date substituted for {ds} in paths."),
@@ -81,7 +85,10 @@ def run(
     from batchrun.summary import render_summary
 
     _logging(verbose)
+    if mode not in (None, "online", "batch"):
+        raise typer.BadParameter("--mode must be online or batch")
     opts = RunOptions(address=address, retry_errors=retry_errors, force=force, ds=ds,
+                      mode=mode, wait=not no_wait,
                       progress=not no_progress and sys.stderr.isatty(),
                       include_dashboard=False if no_dashboard else None)
     summary = run_job(spec, opts)
@@ -91,6 +98,10 @@ def run(
         print(json.dumps(summary.model_dump(), indent=2))
     else:
         Console().print(render_summary(summary))
+    if summary.pending_batches:
+        err_console.print(f"{summary.pending_batches} batches pending; run the same command "
+                          "later to collect them")
+        raise typer.Exit(EXIT_PENDING)
     if summary.budget_exhausted:
         err_console.print(f"budget exhausted: {summary.unsent:,} rows left unsent; raise "
                           "budget.max_cost_usd (or wait for a new day) and run again to resume")
@@ -124,7 +135,20 @@ def _mount_subcommands() -> None:
     # commcheck and the scheduler keep their own modules; they import their heavy
     # dependencies (torch, croniter) only when run.
     from batchrun.commcheck.cli import commcheck
+    from batchrun.ops_cli import (
+        list_command,
+        logs_command,
+        status_command,
+        stop_command,
+        submit_command,
+    )
     from batchrun.scheduler_cli import schedule_app, scheduler_command
+
+    app.command("submit")(submit_command)
+    app.command("status")(status_command)
+    app.command("logs")(logs_command)
+    app.command("stop")(stop_command)
+    app.command("list")(list_command)
 
     app.command("commcheck")(commcheck)
     app.command("scheduler")(clean_errors(scheduler_command))

@@ -52,7 +52,7 @@ def _spending(cfg: BudgetConfig | None) -> Spending | None:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class RateLimiter:
-    def __init__(self, rpm: int, tpm: int | None, budget: BudgetConfig | None = None,
+    def __init__(self, job: str, rpm: int, tpm: int | None, budget: BudgetConfig | None = None,
                  horizon_s: float = 0.5):
         self._sched = SlotScheduler(
             windows_for(rpm, tpm), time.monotonic, validity=SLOT_VALIDITY_S, horizon=horizon_s
@@ -61,13 +61,31 @@ class RateLimiter:
             warnings.simplefilter("ignore")
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if self.restarted:
-            self._sched.block_all(time.monotonic())
+            self._recover(job)
         # A restarted limiter has lost its reservations: it refuses all spending
         # (the run stops as budget-exhausted; a rerun recomputes from the results).
         self._spending = _spending(budget)
         if self.restarted and self._spending is not None:
             self._spending.exhausted = True
         self._leases = 0
+
+    def _recover(self, job: str) -> None:
+        """Rebuild the window log from the workers' own record of their recent sends.
+
+        Each worker reports ages; an age taken from our clock *after* its answer
+        arrived maps every send later than it happened, which only makes the windows
+        stricter. If any worker fails to answer, every window starts full instead.
+        """
+        prefix = f"batchrun:{job}:worker-"
+        try:
+            names = [n for n in ray.util.list_named_actors() if n.startswith(prefix)]
+            refs = [ray.get_actor(n).recent_sends.remote() for n in names]
+            answers: list[list[tuple[float, float]]] = ray.get(refs, timeout=10)
+        except (ray.exceptions.RayError, ValueError, TimeoutError):
+            self._sched.block_all(time.monotonic())
+            return
+        now = time.monotonic()
+        self._sched.restore([(now - age, cost) for sends in answers for age, cost in sends])
 
     def lease(self, costs: list[float], usd: list[float] | None = None,
               settle: list[tuple[float, float]] | None = None) -> LeaseAnswer:

@@ -59,6 +59,7 @@ class PermitPool:
         self._clock = clock
         self._waiting: deque[_Waiter] = deque()
         self._settle: list[tuple[float, float]] = []
+        self._sent: deque[tuple[float, float]] = deque()  # (local time, cost) of recent sends
         self.exhausted = False
         self._leaser: asyncio.Task[None] | None = None
         self._local_pause = 0.0
@@ -68,6 +69,14 @@ class PermitPool:
     def pause(self, seconds: float) -> None:
         """Hold this worker's own sends too, without waiting for the next lease."""
         self._local_pause = max(self._local_pause, self._clock() + seconds)
+
+    def recent_sends(self, window: float = 61.0) -> list[tuple[float, float]]:
+        """(age in seconds, cost) of this pool's sends in the last ``window``: what a
+        restarted limiter needs to rebuild its log. Ages, not times: clocks differ."""
+        now = self._clock()
+        while self._sent and self._sent[0][0] < now - window:
+            self._sent.popleft()
+        return [(now - t, c) for t, c in self._sent]
 
     def settle(self, reserved: float, actual: float) -> None:
         """Report what a reserved request cost; sent with the next lease (or ``flush``)."""
@@ -98,6 +107,7 @@ class PermitPool:
                 await asyncio.sleep(earliest - now)
                 now = self._clock()
             if now <= latest and now >= self._local_pause:
+                self._sent.append((now, cost))
                 return now - t0
             self.slots_dropped += 1  # too late for the slot, or paused: ask again
             if usd is not None:

@@ -134,6 +134,17 @@ class SlotScheduler:
             log.total = log.window.limit
         self._last = max(self._last, now)
 
+    def restore(self, sends: Sequence[tuple[float, float]]) -> None:
+        """Rebuild the log from (start, cost) of recent sends, e.g. after a restart.
+
+        Starts must not be earlier than the real sends (callers map them late), so
+        the windows count them at least as long as they should.
+        """
+        for start, cost in sorted(sends):
+            for lg in self._logs:
+                lg.add(start, cost if lg.window.tokens else 1.0)
+            self._last = max(self._last, start)
+
     def _fits(self, cost: float) -> bool:
         return all(cost <= lg.window.limit for lg in self._logs if lg.window.tokens)
 

@@ -31,7 +31,7 @@ __all__ = ["Fingerprint", "check_fingerprint", "find_duplicate_ids", "fingerprin
            "refuse_duplicates"]
 
 _REQUEST_FIELDS = ("model", "prompt_column", "messages_column", "system_prompt", "id_column",
-                   "generation", "response_format", "mode")
+                   "generation", "response_format")  # not mode: both get the same answers
 
 
 class InputFile(BaseModel):
@@ -54,7 +54,7 @@ class Fingerprint(BaseModel):
 
 def _footer_hash(path: str) -> tuple[int, str]:
     meta = pq.read_metadata(path)
-    digest = hashlib.sha256(repr(meta.schema).encode())
+    digest = hashlib.sha256(meta.schema.to_arrow_schema().serialize().to_pybytes())
     for i in range(meta.num_row_groups):
         rg = meta.row_group(i)
         digest.update(f"{rg.num_rows}:{rg.total_byte_size}".encode())

@@ -42,6 +42,7 @@ from batchrun.pricing import price_for
 from batchrun.resume import check_fingerprint, refuse_duplicates
 from batchrun.shards import Shard, plan_shards, validate_input
 from batchrun.spec import JobSpec, load_spec, resolve_api_key
+from batchrun.structured import Structured
 from batchrun.summary import Summary, save_summary, summarize
 from batchrun.worker import Worker, worker_name
 from batchrun.writer import ResultsStore, result_schema
@@ -57,6 +58,8 @@ class RunOptions:
     address: str | None = None
     retry_errors: bool = False
     force: bool = False
+    mode: str | None = None  # overrides the spec's mode
+    wait: bool = True  # batch mode: wait for the batches, or submit and return
     ds: str | None = None
     progress: bool = True
     include_dashboard: bool | None = None
@@ -135,33 +138,43 @@ def _budget(spec: JobSpec, store: ResultsStore) -> BudgetConfig | None:
                         timezone=b.timezone, job_id=f"{spec.name}:{os.getpid()}")
 
 
+@dataclass
+class JobActors:
+    limiter: Any
+    workers: list[Any]
+    key_box: list[Any]  # held by the driver for the whole run: restarted workers read it
+
+
 def _start_actors(spec: JobSpec, key: str | None, schema: pa.Schema,
-                  budget: BudgetConfig | None) -> list[Any]:
+                  budget: BudgetConfig | None, structured: Structured | None) -> JobActors:
     try:
         limiter = RateLimiter.options(  # type: ignore[attr-defined]
-            name=limiter_name(spec.name)).remote(spec.limits.rpm, spec.limits.tpm, budget)
+            name=limiter_name(spec.name)).remote(spec.name, spec.limits.rpm, spec.limits.tpm,
+                                                 budget)
     except ValueError as e:  # the name is taken: the same job is running on this cluster
         raise UserError(f"job {spec.name!r} is already running on this Ray cluster "
                         "(its actors exist); wait for it or stop it first") from e
-    key_box = [ray.put(key) if key else None]  # a reference inside a list: not an argument
+    # A reference inside a list, so Ray passes the reference, not the key, as the argument.
+    # The actors hold it as long as they live, so a restarted worker can read it again.
+    key_box = [ray.put(key) if key else None]
     per_worker = max(1, spec.limits.max_concurrency // spec.workers)
     workers = [
         Worker.options(  # type: ignore[attr-defined]
             name=worker_name(spec.name, i), num_cpus=WORKER_CPUS).remote(
-            spec, per_worker, key_box, schema, budget is not None)
+            spec, per_worker, key_box, schema, budget is not None, structured)
         for i in range(spec.workers)
     ]
-    return [limiter, *workers]
+    return JobActors(limiter, workers, key_box)
 
 
-def _stop_actors(actors: list[Any]) -> None:
+def _stop_actors(actors: JobActors) -> None:
     """Return unused daily allowance, then remove every actor of the job."""
     try:
-        ray.get(actors[0].close.remote(), timeout=30)
+        ray.get(actors.limiter.close.remote(), timeout=30)
     except (ray.exceptions.RayError, TimeoutError) as e:
         log.warning("rate limiter did not close cleanly (%s); its daily reservations "
                     "are released by the next run's ledger cleanup", type(e).__name__)
-    for a in actors:
+    for a in [actors.limiter, *actors.workers]:
         ray.kill(a, no_restart=True)
 
 
@@ -174,7 +187,7 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def _run_dispatch(spec: JobSpec, actors: list[Any], store: ResultsStore,
+def _run_dispatch(spec: JobSpec, actors: JobActors, store: ResultsStore,
                   plans: list[ShardPlan], total: int, done: int, opts: RunOptions) -> bool:
     """Run the plans; returns whether the budget ran out."""
     metrics = JobMetrics(spec.name)
@@ -189,46 +202,87 @@ def _run_dispatch(spec: JobSpec, actors: list[Any], store: ResultsStore,
             bar.update(task, advance=n, rate=f"{rate:,.0f}")
             metrics.set_remaining(total - done - count)
 
-        dispatcher = Dispatcher(actors[0], actors[1:], store, on_rows)
+        dispatcher = Dispatcher(actors.limiter, actors.workers, store, on_rows)
         asyncio.run(dispatcher.run(plans))
         return dispatcher.budget_exhausted
 
 
-def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
-    """Run (or resume) the job in ``spec_path``; returns its summary."""
+@dataclass
+class _Job:
+    """A validated job: everything checked before a request may be sent."""
+
+    spec: JobSpec
+    shards: list[Shard]
+    total: int
+    store: ResultsStore
+    structured: Structured | None
+
+
+def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     spec = load_spec(spec_path, ds=opts.ds)
+    if opts.mode:
+        spec = spec.model_copy(update={"mode": opts.mode})
     price_for(spec)  # a model with no price is refused before anything runs
     files = validate_input(spec)
     shards = plan_shards(spec, files)
-    total = sum(s.num_rows for s in shards)
     refuse_duplicates(spec, files)
-    store = ResultsStore(spec.output, result_schema(_carry_schema(spec, shards)))
+    structured = Structured.from_spec(spec, Path(spec_path).parent)
+    for problem in structured.strict_problems() if structured else []:
+        log.warning("response_format: %s", problem)
+    extra = structured.result_fields() if structured else None
+    store = ResultsStore(spec.output, result_schema(_carry_schema(spec, shards), extra))
     store.check_writable()
     check_fingerprint(spec, files, force=opts.force)
-    with simulated_provider(spec) as spec:
+    return _Job(spec, shards, sum(s.num_rows for s in shards), store, structured)
+
+
+def _run_online(job: _Job, spec: JobSpec, key: str | None,
+                opts: RunOptions) -> tuple[float | None, bool]:
+    """Send every row without a result; returns (Ray start-up seconds, budget exhausted)."""
+    plans, done = _plans(spec, job.shards, job.store, opts.retry_errors)
+    budget = _budget(spec, job.store)
+    if plans and budget is not None and budget.job_cap_usd == 0.0:
+        return None, True  # earlier runs spent the whole cap
+    if not plans:
+        log.info("job %s is already complete: %d rows in %s", spec.name, job.total, spec.output)
+        return None, False
+    ray_s, started_ray = _connect(opts, spec)
+    actors = _start_actors(spec, key, job.store.schema, budget, job.structured)
+    try:
+        exhausted = _run_dispatch(spec, actors, job.store, plans, job.total, done, opts)
+    finally:
+        _stop_actors(actors)
+        if started_ray:
+            ray.shutdown()
+    return (ray_s if started_ray else None), exhausted
+
+
+def _run_batch(job: _Job, spec: JobSpec, opts: RunOptions) -> tuple[int, int]:
+    """Batch API mode; returns (batches still pending, rows left for the online path)."""
+    from batchrun.batch import run_batch_job
+
+    s = job.structured
+    out = run_batch_job(spec, wait=opts.wait, retry_errors=opts.retry_errors,
+                        check=s.check if s else None,
+                        extra_body=s.request_fields() if s else None,
+                        extra_fields=s.result_fields() if s else None)
+    return out.pending, out.fallback_rows
+
+
+def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
+    """Run (or resume) the job in ``spec_path``; returns its summary."""
+    job = _prepare(spec_path, opts)
+    with simulated_provider(job.spec) as spec:
         key = resolve_api_key(spec, spec_path=spec_path)
-        plans, done = _plans(spec, shards, store, opts.retry_errors)
-        started = datetime.now(UTC)
-        ray_s, started_ray, exhausted = 0.0, False, False
-        t0 = time.monotonic()
-        budget = _budget(spec, store)
-        if plans and budget is not None and budget.job_cap_usd == 0.0:
-            exhausted, plans = True, []  # earlier runs spent the whole cap
-        if plans:
-            ray_s, started_ray = _connect(opts, spec)
-            t0 = time.monotonic()
-            actors = _start_actors(spec, key, store.schema, budget)
-            try:
-                exhausted = _run_dispatch(spec, actors, store, plans, total, done, opts)
-            finally:
-                _stop_actors(actors)
-                if started_ray:
-                    ray.shutdown()
-        else:
-            log.info("job %s is already complete: %d rows in %s", spec.name, total, spec.output)
-        summary = summarize(store.result_files(), job=spec.name, wall_s=time.monotonic() - t0,
-                            run_started=started, total_rows=total,
-                            ray_startup_s=ray_s if started_ray else None,
-                            budget_exhausted=exhausted)
+        started, t0 = datetime.now(UTC), time.monotonic()
+        ray_s, exhausted, pending, fallback = None, False, 0, 0
+        if spec.mode == "batch":
+            pending, fallback = _run_batch(job, spec, opts)
+        if spec.mode == "online" or fallback:
+            ray_s, exhausted = _run_online(job, spec, key, opts)
+        summary = summarize(job.store.result_files(), job=spec.name,
+                            wall_s=time.monotonic() - t0, run_started=started,
+                            total_rows=job.total, ray_startup_s=ray_s,
+                            budget_exhausted=exhausted, pending_batches=pending)
         save_summary(summary, Path(spec.output) / "summary.json")
         return summary

@@ -94,6 +94,13 @@ class SimulateSpec(_Model):
     reset_rate: float = Field(0.0, ge=0, le=1, description="Share of connections reset.")
     malformed_rate: float = Field(0.0, ge=0, le=1, description="Share of malformed JSON bodies.")
     latency_jitter_ms: float = Field(0.0, ge=0, description="Extra uniform latency 0..J ms.")
+    invalid_json_rate: float = Field(0.0, ge=0, le=1, description="Share of structured answers "
+                                     "that are broken JSON or break the schema.")
+    truncate_rate: float = Field(0.0, ge=0, le=1, description="Share cut at max_tokens.")
+    batch_delay_s: float = Field(1.0, ge=0, description="Batch API: processing time per batch.")
+    batch_line_error_rate: float = Field(0.0, ge=0, le=1, description="Batch lines that fail.")
+    batch_expire_every: int = Field(0, ge=0, description="Every Nth batch expires (0: never).")
+    batch_fail_every: int = Field(0, ge=0, description="Every Nth batch fails (0: never).")
     storm_every: float = Field(0.0, ge=0, description="Seconds between 429 storms (0: none).")
     storm_seconds: float = Field(0.0, ge=0, description="Length of each 429 storm, seconds.")
     seed: int = Field(0, description="Seed of the fault injection.")

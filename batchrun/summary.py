@@ -51,6 +51,8 @@ class Summary(BaseModel):
     total_tokens: int = Field(description="All tokens billed.")
     cost_usd: float = Field(description="Spend, USD.")
     ray_startup_s: float | None = Field(None, description="Seconds to start or join Ray.")
+    pending_batches: int = Field(0, description="Batch mode: batches not finished yet "
+                                 "(--no-wait); run the same command later to collect them.")
     budget_exhausted: bool = Field(False, description="The budget stopped dispatch; rerun "
                                    "with a raised cap or on a new day to send the rest.")
 
@@ -73,7 +75,7 @@ def _sum(col: pa.ChunkedArray | pa.Array) -> float:
 
 def summarize(files: list[Path], *, job: str, wall_s: float, run_started: datetime,
               total_rows: int, ray_startup_s: float | None = None,
-              budget_exhausted: bool = False) -> Summary:
+              budget_exhausted: bool = False, pending_batches: int = 0) -> Summary:
     t = _read(files)
     status = t["status"]
     ok_mask = pc.equal(status, "ok")
@@ -102,6 +104,7 @@ def summarize(files: list[Path], *, job: str, wall_s: float, run_started: dateti
         completion_tokens=int(_sum(t["completion_tokens"])),
         total_tokens=int(_sum(t["total_tokens"])), cost_usd=_sum(t["cost_usd"]),
         ray_startup_s=ray_startup_s, budget_exhausted=budget_exhausted,
+        pending_batches=pending_batches,
     )
 
 

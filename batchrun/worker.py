@@ -31,6 +31,7 @@ from batchrun.permits import LeaseAnswer, PermitPool
 from batchrun.pricing import price_for, worst_case_usd
 from batchrun.shards import Shard, iter_shard_rows
 from batchrun.spec import JobSpec
+from batchrun.structured import Structured
 from batchrun.tokens import count_chat_tokens
 
 __all__ = ["FLUSH_INTERVAL_S", "Worker", "worker_name"]
@@ -46,9 +47,11 @@ def worker_name(job: str, index: int) -> str:
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class Worker:
     def __init__(self, spec: JobSpec, concurrency: int, key_box: list[Any], schema: pa.Schema,
-                 budgeted: bool = False):
+                 budgeted: bool = False, structured: Structured | None = None):
         self._spec = spec
         self._budgeted = budgeted
+        # built by the driver: a `pydantic:` model may not import on this node
+        self._structured = structured
         self._concurrency = concurrency
         self._key_box = key_box
         self._schema = schema
@@ -79,7 +82,9 @@ class Worker:
         self._runner = RowRunner(
             spec, client, self._permits, pause_all=self._pause_all, price=price,
             token_cost=self._tokens if spec.limits.tpm else None,
-            usd_cost=self._worst_usd if self._budgeted else None)
+            usd_cost=self._worst_usd if self._budgeted else None,
+            check=self._structured.check if self._structured else None,
+            extra_body=self._structured.request_fields() if self._structured else None)
         return self._runner
 
     def _tokens(self, msgs: list[dict[str, Any]]) -> float:
@@ -163,6 +168,9 @@ class Worker:
                 yield self._table(buf)
         finally:
             feeder.cancel()
+
+    def recent_sends(self) -> list[tuple[float, float]]:
+        return self._permits.recent_sends() if self._runner is not None else []
 
     def progress(self) -> dict[str, float]:
         """Live figures of this worker since it started (``batchrun status`` reads them)."""

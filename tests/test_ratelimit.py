@@ -109,3 +109,13 @@ def test_block_all_after_a_restart_keeps_the_limit() -> None:
     assert s.grant([1]).starts == []
     clock.t += 60.15
     assert len(s.grant([1]).starts) == 1
+
+
+def test_restore_from_recent_sends_keeps_the_window_full() -> None:
+    clock = Clock()
+    s = SlotScheduler(windows_for(60, None), clock, validity=0.1, margin=0.0, horizon=0.5)
+    # a restarted limiter learns that 10 requests went out in the last 5 seconds
+    s.restore([(clock.t - 5 + i * 0.5, 1.0) for i in range(10)])
+    assert s.grant([1]).starts == []  # the 10-second window (limit 10) is full
+    clock.t += 5.2  # the oldest restored send leaves the window
+    assert len(s.grant([1]).starts) == 1

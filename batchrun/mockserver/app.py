@@ -30,7 +30,7 @@ from batchrun.mockserver.limits import Decision, RateLimiter
 from batchrun.mockserver.protocol import (
     BadRequest,
     ChatRequest,
-    answer_for,
+    answer_request,
     completion_body,
     error_body,
     parse_chat_request,
@@ -86,6 +86,9 @@ def build_app(config: MockConfig, *, clock: Callable[[], float] = time.monotonic
     app.router.add_get("/_ledger", ledger_records)
     app.router.add_get("/_ledger/stats", ledger_stats)
     app.router.add_post("/_ledger/reset", ledger_reset)
+    from batchrun.mockserver.batches import add_batch_routes  # it imports this module
+
+    add_batch_routes(app)
     app.on_cleanup.append(_close_ledger)
     return app
 
@@ -136,7 +139,7 @@ async def _admit_and_answer(state: MockState, request: web.Request, chat: ChatRe
     seq = len(state.ledger)
     cfg = state.config
     fault = faults.draw_fault(cfg, seq) if cfg.any_faults else None
-    content, ctok, finish = answer_for(chat.messages, chat.max_tokens, key)
+    content, ctok, finish = answer_request(chat, key, config=cfg, seq=seq)
     status = _status_of(cfg, fault, seq)
     state.ledger.record(now, status, fault or "ok", key, ptok, ctok if status == 200 else 0,
                         chat.model, True)

@@ -45,6 +45,21 @@ class MockConfig:
                                  DEFAULT_OVERSIZE_BYTES)
     storm_every: float = _opt("--storm-every", "seconds between 429 storms (0: none)", 0.0)
     storm_seconds: float = _opt("--storm-seconds", "length of each 429 storm", 0.0)
+    # Structured outputs (response_format json_schema): shares of the 200 answers whose
+    # content is spoiled, independent of the transport faults above.
+    invalid_json_rate: float = _opt("--invalid-json-rate", "share of json_schema answers "
+                                    "invalid: half not JSON, half breaking the schema", 0.0)
+    truncate_rate: float = _opt("--truncate-rate", "share of json_schema answers cut off "
+                                "with finish_reason length", 0.0)
+    # Batch API (batches.py): time from validating to completed, per-line errors, and
+    # every Nth created batch failed or expired, to exercise the client's retries.
+    batch_delay_s: float = _opt("--batch-delay-s", "seconds a batch takes to complete", 1.0)
+    batch_line_error_rate: float = _opt("--batch-line-error-rate",
+                                        "share of batch lines answered with an error", 0.0)
+    batch_fail_every: int = _opt("--batch-fail-every",
+                                 "every Nth created batch fails (0: none)", 0)
+    batch_expire_every: int = _opt("--batch-expire-every",
+                                   "every Nth created batch expires half done (0: none)", 0)
     api_key: str | None = _opt("--api-key", "required bearer key (default: none)", None)
     seed: int = _opt("--seed", "seed of the deterministic fault draw", 0)
     models: tuple[str, ...] = _opt("--model", "model listed by /v1/models (repeatable)",
@@ -71,6 +86,13 @@ class MockConfig:
             raise ValueError("storm_every and storm_seconds must be >= 0")
         if self.storm_every and self.storm_seconds >= self.storm_every:
             raise ValueError("storm_seconds must be shorter than storm_every")
+        if not 0.0 <= self.batch_line_error_rate <= 1.0 or self.batch_delay_s < 0:
+            raise ValueError("batch_line_error_rate must lie in [0, 1], batch_delay_s >= 0")
+        if self.batch_fail_every < 0 or self.batch_expire_every < 0:
+            raise ValueError("batch_fail_every and batch_expire_every must be >= 0")
+        answer_rates = (self.invalid_json_rate, self.truncate_rate)
+        if any(not 0.0 <= r <= 1.0 for r in answer_rates) or sum(answer_rates) > 1.0 + 1e-9:
+            raise ValueError("invalid_json_rate and truncate_rate must lie in [0, 1], sum <= 1")
 
     @property
     def any_faults(self) -> bool:

@@ -22,7 +22,7 @@ __all__ = ["OUTCOMES", "Ledger", "max_in_window", "prompt_key"]
 # Index order is part of the compact storage; append new outcomes at the end.
 OUTCOMES: tuple[str, ...] = (
     "ok", "rate_limited", "too_large", "storm", "server_error", "reset", "malformed",
-    "nonjson", "oversize", "bad_request", "unauthorized", "model_not_found",
+    "nonjson", "oversize", "bad_request", "unauthorized", "model_not_found", "batch_created",
 )
 _OUTCOME_INDEX = {name: i for i, name in enumerate(OUTCOMES)}
 

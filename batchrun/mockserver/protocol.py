@@ -12,12 +12,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from batchrun.mockserver.config import MockConfig
+from batchrun.mockserver.faults import unit
 from batchrun.mockserver.ledger import prompt_key
+from batchrun.mockserver.schema_answers import draw_fate, structured_answer
+from batchrun.tokens import count_text_tokens
 
 __all__ = [
     "BadRequest",
     "ChatRequest",
     "answer_for",
+    "answer_request",
     "completion_body",
     "error_body",
     "parse_chat_request",
@@ -49,6 +54,14 @@ class ChatRequest:
     model: str
     messages: list[dict[str, Any]]
     max_tokens: int
+    response_format: dict[str, Any] | None = None
+
+    def json_schema(self) -> Any | None:
+        """The schema of a ``json_schema`` response_format (``{}`` if it has none), or None."""
+        rf = self.response_format
+        if rf is None or rf.get("type") != "json_schema":
+            return None
+        return rf["json_schema"].get("schema", {})
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -68,7 +81,48 @@ def parse_chat_request(body: Any) -> ChatRequest:
         if "content" not in m:
             raise BadRequest(f"Missing required parameter: 'messages[{i}].content'.",
                              f"messages[{i}].content")
-    return ChatRequest(model, messages, _max_tokens(body))
+    return ChatRequest(model, messages, _max_tokens(body), _response_format(body))
+
+
+def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    """``response_format`` checked as OpenAI does: a type, and a named json_schema object."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise BadRequest("Invalid value for 'response_format.type': expected one of 'text', "
+                         "'json_object' or 'json_schema'.", "response_format.type")
+    if rf["type"] != "json_schema":
+        return rf
+    js = rf.get("json_schema")
+    if not isinstance(js, dict) or not isinstance(js.get("name"), str):
+        raise BadRequest("Missing required parameter: 'response_format.json_schema.name'.",
+                         "response_format.json_schema.name")
+    if not isinstance(js.get("schema", {}), dict):
+        raise BadRequest("Invalid type for 'response_format.json_schema.schema': expected an "
+                         "object.", "response_format.json_schema.schema")
+    return rf
+
+
+def answer_request(chat: ChatRequest, key: str | None = None, *,
+                   config: MockConfig | None = None, seq: int = 0) -> tuple[str, int, str]:
+    """The answer to a parsed request: (content, completion_tokens, finish_reason).
+
+    Plain requests get ``answer_for``. A ``json_schema`` response_format gets a JSON
+    instance of the schema, deterministic in the prompt; whether it is spoiled on
+    purpose (config.invalid_json_rate, config.truncate_rate) is drawn per request
+    number ``seq``, so that a retry of the same prompt can come back valid.
+    """
+    key = key or prompt_key(chat.messages)
+    schema = chat.json_schema()
+    if schema is None:
+        return answer_for(chat.messages, chat.max_tokens, key)
+    fate = "ok"
+    if config is not None and (config.invalid_json_rate or config.truncate_rate):
+        fate = draw_fate(unit(config.seed, seq, salt=3), config.invalid_json_rate,
+                         config.truncate_rate)
+    return structured_answer(schema, int(key, 16), fate, chat.max_tokens,
+                             lambda text: count_text_tokens(text, chat.model))
 
 
 def _max_tokens(body: dict[str, Any]) -> int:

@@ -1,0 +1,167 @@
+"""Batch output: output/error file lines back to rows, as result records like online mode's.
+
+A finished batch has an output file (lines answered 200) and an error file (lines
+answered otherwise, or never run: expired, cancelled). Lines are matched to rows by
+``custom_id``; the rows themselves (id, carried columns, prompt for a retry) are read
+again from their shard. Each row of a chunk ends in exactly one of:
+
+    a record, status ok          the answer, billed at the batch price
+    a record, status error       a fatal error, a bad row, or no attempts left
+    a retry                      a retryable error with attempts left (new batch or online)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from batchrun.batch.requests import custom_id, iter_selected
+from batchrun.batch.state import ChunkState
+from batchrun.client import Completion
+from batchrun.errors import FatalRequestError, RequestError, RetryableError
+from batchrun.pricing import ModelPrice, cost_usd
+from batchrun.shards import RequestRow, Shard
+from batchrun.spec import JobSpec
+
+__all__ = ["ChunkResults", "collect_chunk", "line_outcome", "parse_lines"]
+
+Check = Callable[[Completion], dict[str, Any]]
+_RETRYABLE_STATUS = {408, 409, 429}
+
+
+@dataclass
+class ChunkResults:
+    records: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # by shard index
+    retry: list[tuple[int, int, RequestRow]] = field(default_factory=list)  # shard, pos, row
+    ok: int = 0
+    errors: int = 0
+
+
+def parse_lines(*contents: bytes) -> dict[str, dict[str, Any]]:
+    """custom_id -> line of the given JSONL files; unreadable lines are skipped."""
+    out: dict[str, dict[str, Any]] = {}
+    for content in contents:
+        for raw in content.splitlines():
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                continue  # a truncated line: its row gets no answer and is retried
+            if isinstance(doc, dict) and isinstance(doc.get("custom_id"), str):
+                out[doc["custom_id"]] = doc
+    return out
+
+
+def _completion(body: Any) -> Completion:
+    try:
+        choice = body["choices"][0]
+        usage = body.get("usage") or {}
+        p, c = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        return Completion(text=choice["message"].get("content"),
+                          finish_reason=choice.get("finish_reason"), prompt_tokens=p,
+                          completion_tokens=c, total_tokens=int(usage.get("total_tokens") or p + c))
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        raise RetryableError("malformed response body in batch output",
+                             error_type="malformed_body") from None
+
+
+def _status_error(status: int, body: Any) -> RequestError:
+    err = body.get("error") if isinstance(body, dict) else None
+    detail = err.get("message") if isinstance(err, dict) else None
+    msg = f"HTTP {status}: {detail or 'error in batch output'}"
+    if status >= 500 or status in _RETRYABLE_STATUS:
+        return RetryableError(msg, status=status, error_type=f"http_{status}")
+    return FatalRequestError(msg, status=status, error_type=f"http_{status}")
+
+
+def line_outcome(line: dict[str, Any] | None, batch_status: str) -> Completion | RequestError:
+    """What one row's line says: a completion, or the error to record or retry."""
+    if line is None:  # never run: the batch expired, failed or was cancelled
+        return RetryableError(f"no answer: batch {batch_status}",
+                              error_type=f"batch_{batch_status}")
+    err = line.get("error")
+    if isinstance(err, dict):
+        code = str(err.get("code") or "batch_error")
+        msg = f"{code}: {err.get('message') or ''}"[:300]
+        cls = FatalRequestError if code.startswith("invalid") else RetryableError
+        return cls(msg, error_type=code)
+    resp = line.get("response") or {}
+    status = int(resp.get("status_code") or 0)
+    if status != 200:
+        return _status_error(status, resp.get("body"))
+    try:
+        return _completion(resp.get("body"))
+    except RetryableError as e:
+        return e
+
+
+class _Recorder:
+    """Builds result records of one chunk (same columns as online mode, plus batch_id)."""
+
+    def __init__(self, spec: JobSpec, chunk: ChunkState, price: ModelPrice | None):
+        self.spec, self.chunk, self.price = spec, chunk, price
+        self.now = datetime.now(UTC)
+        self.started = (datetime.fromtimestamp(chunk.created_at, UTC)
+                        if chunk.created_at else self.now)
+        # Batch latency is the turnaround of the whole batch, as the driver saw it.
+        self.latency_ms = (self.now - self.started).total_seconds() * 1e3
+
+    def base(self, row: RequestRow, **kw: Any) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "id": row.id, "model": self.spec.model, "attempts": self.chunk.attempt,
+            "wait_ms": 0.0, "started_at": self.started, "finished_at": self.now,
+            "batch_id": self.chunk.batch_id, **row.carry,
+        }
+        rec.update(kw)
+        return rec
+
+    def ok(self, row: RequestRow, c: Completion, extra: dict[str, Any]) -> dict[str, Any]:
+        cost = (cost_usd(self.price, c.prompt_tokens, c.completion_tokens, batch=True)
+                if self.price else None)
+        return self.base(row, status="ok", response=c.text, finish_reason=c.finish_reason,
+                         prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                         total_tokens=c.total_tokens, cost_usd=cost,
+                         latency_ms=self.latency_ms, **extra)
+
+    def error(self, row: RequestRow, error_type: str, message: str | None,
+              **kw: Any) -> dict[str, Any]:
+        return self.base(row, status="error", error_type=error_type, error_message=message, **kw)
+
+
+def _judge(outcome: Completion | RequestError, check: Check | None
+           ) -> tuple[Completion | None, dict[str, Any], RequestError | None]:
+    if isinstance(outcome, RequestError):
+        return None, {}, outcome
+    try:
+        return outcome, (check(outcome) if check else {}), None
+    except RequestError as e:  # invalid structured output: like a per-line error
+        return None, {}, e
+
+
+def collect_chunk(spec: JobSpec, chunk: ChunkState, shards: dict[int, Shard],
+                  lines: dict[str, dict[str, Any]], batch_status: str, *,
+                  price: ModelPrice | None, check: Check | None,
+                  can_retry: bool) -> ChunkResults:
+    """Every row of ``chunk`` to a record or a retry (retries only when ``can_retry``)."""
+    rec, out = _Recorder(spec, chunk, price), ChunkResults()
+    for sidx, runs in sorted(chunk.rows.items()):
+        records = out.records.setdefault(sidx, [])
+        for pos, row in iter_selected(spec, shards[sidx], runs):
+            if row.messages is None:
+                records.append(rec.error(row, "bad_row", row.error, attempts=0))
+                out.errors += 1
+                continue
+            line = lines.get(custom_id(sidx, pos))
+            completion, extra, err = _judge(line_outcome(line, batch_status), check)
+            if completion is not None:
+                records.append(rec.ok(row, completion, extra))
+                out.ok += 1
+            elif isinstance(err, RetryableError) and can_retry:
+                out.retry.append((sidx, pos, row))
+            else:
+                assert err is not None
+                records.append(rec.error(row, err.error_type, str(err)))
+                out.errors += 1
+    return out

@@ -1,0 +1,163 @@
+"""Batch input: the job's rows as JSONL request files, streamed from the shards.
+
+Each line is ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}``
+with the same body online mode sends. ``custom_id`` is ``s<shard>-<position>``: unique
+in the job, and enough to find the row again (with its id and carried columns) by
+re-reading its shard, so no row data has to be kept anywhere else.
+
+Chunks respect ``batch.max_requests_per_file`` and ``batch.max_bytes_per_file``; rows
+are read a record batch at a time and lines go straight to a temp file, so no process
+holds the whole input. Bad rows (no usable prompt) take no line, but belong to a chunk
+so that collecting it records their error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from batchrun.batch.state import ChunkState, Ranges, count_rows, to_ranges
+from batchrun.errors import InputDataError
+from batchrun.shards import RequestRow, Shard, iter_shard_rows
+from batchrun.spec import JobSpec
+
+__all__ = [
+    "ChunkWriter",
+    "custom_id",
+    "iter_selected",
+    "line_for",
+    "parse_custom_id",
+    "request_line",
+    "write_chunks",
+]
+
+CHAT_URL = "/v1/chat/completions"
+
+
+def custom_id(shard_index: int, pos: int) -> str:
+    return f"s{shard_index}-{pos}"
+
+
+def parse_custom_id(cid: str) -> tuple[int, int] | None:
+    """(shard index, position) of a custom_id made by ``custom_id``; None if foreign."""
+    head, _, tail = cid.partition("-")
+    if not head.startswith("s") or not head[1:].isdigit() or not tail.isdigit():
+        return None
+    return int(head[1:]), int(tail)
+
+
+def request_line(spec: JobSpec, cid: str, messages: list[dict[str, Any]],
+                 extra_body: dict[str, Any] | None = None) -> bytes:
+    body = {"model": spec.model, "messages": messages, **spec.generation.request_fields(),
+            **(extra_body or {})}
+    doc = {"custom_id": cid, "method": "POST", "url": CHAT_URL, "body": body}
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def iter_selected(spec: JobSpec, shard: Shard,
+                  runs: list[tuple[int, int]]) -> Iterator[tuple[int, RequestRow]]:
+    """(position, row) of the shard's rows inside ``runs`` (sorted [start, stop) ranges)."""
+    pos, i = 0, 0
+    for rows in iter_shard_rows(spec, shard):
+        for row in rows:
+            while i < len(runs) and pos >= runs[i][1]:
+                i += 1
+            if i == len(runs):
+                return
+            if pos >= runs[i][0]:
+                yield pos, row
+            pos += 1
+
+
+class ChunkWriter:
+    """One JSONL chunk being written: lines go to a temp file, renamed when closed."""
+
+    def __init__(self, folder: Path, seq: int, attempt: int = 1):
+        self.seq, self.attempt = seq, attempt
+        self.name = f"chunk-{seq:06d}.jsonl"
+        self.path = folder / self.name
+        self._tmp = folder / f".{self.name}.{uuid.uuid4().hex[:8]}.tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+        self._f: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()
+        self._positions: dict[int, list[int]] = {}
+        self.n_requests = 0
+        self.n_bytes = 0
+
+    def fits(self, spec: JobSpec, line: bytes | None) -> bool:
+        if line is None:
+            return True
+        return (self.n_requests < spec.batch.max_requests_per_file
+                and self.n_bytes + len(line) <= spec.batch.max_bytes_per_file)
+
+    def add(self, shard_index: int, pos: int, line: bytes | None) -> None:
+        """Add a row; ``line`` None for a bad row (recorded as an error when collected)."""
+        assert self._f is not None
+        self._positions.setdefault(shard_index, []).append(pos)
+        if line is not None:
+            self._f.write(line)
+            self.n_requests += 1
+            self.n_bytes += len(line)
+
+    @property
+    def empty(self) -> bool:
+        return not self._positions
+
+    def close(self) -> ChunkState:
+        """fsync and rename the file; the chunk's state at step ``written``."""
+        assert self._f is not None
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        os.replace(self._tmp, self.path)
+        ranges: Ranges = {s: to_ranges(p) for s, p in self._positions.items()}
+        return ChunkState(seq=self.seq, attempt=self.attempt, rows=ranges,
+                          n_rows=count_rows(ranges), n_requests=self.n_requests,
+                          file=self.name)
+
+    def discard(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        with contextlib.suppress(OSError):
+            self._tmp.unlink()
+
+
+def line_for(spec: JobSpec, shard: Shard, pos: int, row: RequestRow,
+             extra_body: dict[str, Any] | None) -> bytes | None:
+    """The request line of a row, None for a bad row; a row too big alone is an input error."""
+    if row.messages is None:
+        return None
+    line = request_line(spec, custom_id(shard.index, pos), row.messages, extra_body)
+    if len(line) > spec.batch.max_bytes_per_file:
+        raise InputDataError(
+            f"input: {shard.path}: row {row.id} makes a {len(line)}-byte request, over "
+            f"batch.max_bytes_per_file ({spec.batch.max_bytes_per_file}); raise it or shorten "
+            "the prompt")
+    return line
+
+
+def write_chunks(spec: JobSpec, shards: list[Shard], folder: Path, first_seq: int,
+                 extra_body: dict[str, Any] | None = None) -> Iterator[ChunkState]:
+    """Every row of ``shards`` into JSONL chunks, yielding each chunk once it is on disk."""
+    writer = ChunkWriter(folder, first_seq)
+    try:
+        for shard in shards:
+            for pos, row in iter_selected(spec, shard, [(0, shard.num_rows)]):
+                line = line_for(spec, shard, pos, row, extra_body)
+                if not writer.fits(spec, line):
+                    yield writer.close()
+                    writer = ChunkWriter(folder, writer.seq + 1)
+                writer.add(shard.index, pos, line)
+        if not writer.empty:
+            yield writer.close()
+        else:
+            writer.discard()
+    except BaseException:
+        writer.discard()
+        raise

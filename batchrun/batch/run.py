@@ -1,0 +1,376 @@
+"""The batch-mode driver: chunks -> upload -> create -> poll -> collect -> results.
+
+It runs in the driver process (no Ray: the provider does the work) and survives being
+killed anywhere: every step is recorded in ``OUTPUT/batch/state.json`` before the next
+one starts, and a batch created but not yet recorded is found again on the rerun by
+listing the provider's batches and matching their metadata ``{job, chunk,
+fingerprint}``, so no chunk is ever created (or billed) twice.
+
+Rows answered with a retryable error, or never run (expired, failed, cancelled batch),
+go into a new chunk with the next attempt number, up to ``retry.max_attempts``; with
+``batch.fallback: online`` they are left for the online path instead. Results go
+through ``ResultsStore`` as parts, and a shard is finalized once none of its rows is
+still in flight, so ``summary.summarize`` reads batch results like online ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchrun.batch.collect import Check, collect_chunk, parse_lines
+from batchrun.batch.provider import TERMINAL, BatchProvider, NoBatchApi
+from batchrun.batch.requests import ChunkWriter, iter_selected, line_for, write_chunks
+from batchrun.batch.state import (
+    OPEN_STEPS,
+    BatchJobState,
+    ChunkState,
+    StateFile,
+    count_rows,
+    spec_fingerprint,
+    to_ranges,
+)
+from batchrun.engine import backoff_s
+from batchrun.errors import RetryableError
+from batchrun.pricing import ModelPrice, price_for, worst_case_usd
+from batchrun.shards import RequestRow, Shard, plan_shards
+from batchrun.spec import JobSpec, resolve_api_key
+from batchrun.writer import ResultsStore, result_schema
+
+__all__ = ["CRASH_HOOK_ENV", "BatchOutcome", "batch_status", "cancel_batches", "run_batch_job"]
+
+# Test hook: exit right after POST /v1/batches answers, before the state records it.
+CRASH_HOOK_ENV = "BATCHRUN_TEST_CRASH_AFTER_CREATE"
+T = TypeVar("T")
+
+
+@dataclass
+class BatchOutcome:
+    pending: int  # chunks still open with the provider (wait=False)
+    fallback_rows: int  # rows left without a result for the online path
+    batches: list[dict[str, Any]] = field(default_factory=list)  # one per chunk
+
+    @property
+    def done(self) -> bool:
+        return self.pending == 0
+
+
+def _chunk_info(c: ChunkState) -> dict[str, Any]:
+    return {"chunk": c.seq, "attempt": c.attempt, "step": c.step, "batch_id": c.batch_id,
+            "status": c.batch_status, "rows": c.n_rows, "requests": c.n_requests}
+
+
+def _carry_schema(spec: JobSpec, shards: list[Shard]) -> pa.Schema | None:
+    if not spec.carry_columns or not shards:
+        return None
+    schema = pq.read_schema(shards[0].path)
+    return pa.schema([schema.field(c) for c in spec.carry_columns])
+
+
+class _Driver:
+    """One run of the loop over one job's chunks; all provider I/O goes through ``p``."""
+
+    def __init__(self, spec: JobSpec, shards: list[Shard], store: ResultsStore,
+                 provider: BatchProvider, *, price: ModelPrice | None, check: Check | None,
+                 extra_body: dict[str, Any] | None, initial_poll_s: float):
+        self.spec, self.store, self.p = spec, store, provider
+        self.shards = {s.index: s for s in shards}
+        self.price, self.check, self.extra_body = price, check, extra_body
+        self.initial_poll_s = initial_poll_s
+        self.fingerprint = spec_fingerprint(spec)
+        self.sf = StateFile(spec.output)
+        self.state: BatchJobState = self.sf.load(spec, self.fingerprint)
+        self.rng = random.Random()
+
+    def save(self) -> None:
+        self.sf.save(self.state)
+
+    def open_chunks(self) -> list[ChunkState]:
+        return [c for c in self.state.chunks if c.step in OPEN_STEPS]
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A provider call, retried with full-jitter backoff on transient errors."""
+        for attempt in range(1, self.spec.retry.max_attempts + 1):
+            try:
+                return await call()
+            except RetryableError:
+                if attempt == self.spec.retry.max_attempts:
+                    raise
+                await asyncio.sleep(backoff_s(attempt, self.spec.retry, self.rng))
+        raise AssertionError("unreachable")
+
+    # -- planning -------------------------------------------------------------------
+
+    def plan(self) -> None:
+        """Write every row into JSONL chunks, once; a rerun after a crash here redoes it
+        (the chunks come out the same) and keeps the steps already recorded."""
+        if self.state.planned:
+            return
+        known = {c.seq for c in self.state.chunks}
+        shards = [self.shards[i] for i in sorted(self.shards)]
+        for chunk in write_chunks(self.spec, shards, self.sf.dir, 0, self.extra_body):
+            if chunk.seq not in known:
+                self.state.chunks.append(chunk)
+                self.state.next_seq = chunk.seq + 1
+                self.save()
+        self.state.planned = True
+        self.save()
+
+    def requeue_errors(self) -> None:
+        """``--retry-errors``: rows whose result is an error go into new chunks (attempt 1)."""
+        if self.open_chunks():
+            return  # the interrupted run's chunks come first
+        for shard in self.shards.values():
+            table = self.store.read_shard(shard.name)
+            if table is None:
+                continue
+            bad = pc.and_(pc.equal(table["status"], "error"),
+                          pc.not_equal(table["error_type"], "bad_row"))
+            ids = set(table.filter(bad)["id"].to_pylist())
+            if ids:
+                rows = [(shard.index, pos, row) for pos, row in
+                        iter_selected(self.spec, shard, [(0, shard.num_rows)]) if row.id in ids]
+                self._new_chunks(rows, attempt=1)
+        self.save()
+
+    def _new_chunks(self, rows: list[tuple[int, int, RequestRow]], attempt: int) -> None:
+        """Rows to retry as new JSONL chunks, appended to the state (saved by the caller)."""
+        writer: ChunkWriter | None = None
+        for sidx, pos, row in rows:
+            line = line_for(self.spec, self.shards[sidx], pos, row, self.extra_body)
+            if writer is not None and not writer.fits(self.spec, line):
+                self.state.chunks.append(writer.close())
+                writer = None
+            if writer is None:
+                writer = ChunkWriter(self.sf.dir, self.state.next_seq, attempt)
+                self.state.next_seq += 1
+            writer.add(sidx, pos, line)
+        if writer is not None:
+            self.state.chunks.append(writer.close())
+
+    # -- provider steps ----------------------------------------------------------------
+
+    def _metadata(self, c: ChunkState) -> dict[str, str]:
+        return {"job": self.spec.name, "chunk": str(c.seq), "fingerprint": self.fingerprint,
+                "attempt": str(c.attempt)}
+
+    async def recover_unrecorded(self) -> None:
+        """Adopt batches created for ``uploaded`` chunks just before a crash."""
+        waiting = {str(c.seq): c for c in self.state.chunks if c.step == "uploaded"}
+        if not waiting:
+            return
+        async for b in self.p.list_batches():
+            meta = b.get("metadata") or {}
+            c = waiting.get(str(meta.get("chunk")))
+            if (c is not None and c.batch_id is None and meta.get("job") == self.spec.name
+                    and meta.get("fingerprint") == self.fingerprint):
+                self._mark_created(c, b)
+        self.save()
+
+    def _mark_created(self, c: ChunkState, b: dict[str, Any]) -> None:
+        c.batch_id, c.batch_status, c.step = str(b["id"]), str(b.get("status")), "created"
+        c.created_at = float(b.get("created_at") or time.time())
+
+    async def submit(self, c: ChunkState) -> None:
+        """Upload and create one chunk's batch, recording each step."""
+        if c.n_requests == 0:  # only bad rows: nothing to send, collect right away
+            c.step, c.batch_status = "completed", "completed"
+            self.save()
+            return
+        if c.step == "written":
+            f = await self._retrying(lambda: self.p.upload(self.sf.dir / c.file))
+            c.file_id, c.step = str(f["id"]), "uploaded"
+            self.save()
+        if c.step == "uploaded":
+            assert c.file_id is not None
+            fid = c.file_id
+            b = await self._retrying(lambda: self.p.create(
+                fid, self.spec.batch.completion_window, self._metadata(c)))
+            if os.environ.get(CRASH_HOOK_ENV) == "1":
+                os._exit(9)
+            self._mark_created(c, b)
+            c.created_at = time.time()
+            self.save()
+
+    async def poll(self, c: ChunkState) -> bool:
+        """Ask for a created batch's status; collect it if it ended. True if it ended."""
+        if c.step == "created":
+            assert c.batch_id is not None
+            bid = c.batch_id
+            b = await self._retrying(lambda: self.p.retrieve(bid))
+            c.batch_status = str(b.get("status"))
+            if c.batch_status not in TERMINAL:
+                return False
+            c.step = "completed"
+            self.save()
+        await self.collect(c)
+        return True
+
+    async def _download(self, c: ChunkState) -> dict[str, dict[str, Any]]:
+        if c.batch_id is None:
+            return {}
+        bid = c.batch_id
+        b = await self._retrying(lambda: self.p.retrieve(bid))
+        contents = []
+        for key in ("output_file_id", "error_file_id"):
+            fid = b.get(key)
+            if fid:
+                contents.append(await self._content(str(fid)))
+        return parse_lines(*contents)
+
+    async def _content(self, file_id: str) -> bytes:
+        return await self._retrying(lambda: self.p.content(file_id))
+
+    async def collect(self, c: ChunkState) -> None:
+        """Results to parts, retries to a new chunk, then the chunk marked collected."""
+        lines = await self._download(c)
+        online = self.spec.batch.fallback == "online"
+        res = collect_chunk(self.spec, c, self.shards, lines, c.batch_status or "completed",
+                            price=self.price, check=self.check,
+                            can_retry=online or c.attempt < self.spec.retry.max_attempts)
+        for sidx, records in res.records.items():
+            if records:
+                table = pa.Table.from_pylist(records, schema=self.store.schema)
+                self.store.write_part(self.shards[sidx].name, table)
+        if online:
+            for sidx, pos, _ in res.retry:
+                runs = self.state.fallback.setdefault(sidx, [])
+                runs[:] = to_ranges([p for a, b in runs for p in range(a, b)] + [pos])
+        else:
+            self._new_chunks(res.retry, attempt=c.attempt + 1)
+        c.step = "collected"
+        self.save()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def submit_all(self) -> None:
+        for c in self.open_chunks():
+            if c.step in ("written", "uploaded"):
+                await self.submit(c)
+
+    async def poll_round(self) -> bool:
+        """One status check of every open chunk; True if any ended."""
+        ended = False
+        for c in self.open_chunks():
+            if c.step in ("created", "completed"):
+                ended = await self.poll(c) or ended
+        await self.submit_all()  # retries made by collecting
+        return ended
+
+    async def wait_all(self) -> None:
+        delay = self.initial_poll_s
+        while self.open_chunks():
+            if await self.poll_round():
+                delay = self.initial_poll_s
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.spec.batch.poll_interval_s)  # capped exponential
+
+    def finalize(self) -> None:
+        """One final file per shard, except shards with rows left for the online path."""
+        for idx, shard in self.shards.items():
+            if idx not in self.state.fallback and self.store.final_rows(shard.name) is None:
+                self.store.finalize(shard.name)
+
+    def outcome(self) -> BatchOutcome:
+        return BatchOutcome(pending=len(self.open_chunks()),
+                            fallback_rows=count_rows(self.state.fallback),
+                            batches=[_chunk_info(c) for c in self.state.chunks])
+
+
+async def _run(d: _Driver, wait: bool, retry_errors: bool) -> BatchOutcome:
+    d.plan()
+    if retry_errors:
+        d.requeue_errors()
+    await d.recover_unrecorded()
+    await d.submit_all()
+    if wait:
+        await d.wait_all()
+    else:
+        await d.poll_round()
+    if not d.open_chunks():
+        d.finalize()
+    return d.outcome()
+
+
+def _unanswered(store: ResultsStore, shards: list[Shard]) -> int:
+    return sum(s.num_rows - len(store.answered_ids(s.name, redo_errors=False)) for s in shards)
+
+
+def run_batch_job(spec: JobSpec, *, wait: bool = True, retry_errors: bool = False,
+                  check: Check | None = None, extra_body: dict[str, Any] | None = None,
+                  extra_fields: list[pa.Field] | None = None,
+                  initial_poll_s: float = 1.0) -> BatchOutcome:
+    """Run (or resume) ``spec`` through the provider's Batch API.
+
+    ``wait=False`` submits and returns (``pending`` > 0 while batches are open); a later
+    call collects. ``check`` validates answers (raise ``RetryableError(error_type=
+    "invalid_output")`` to retry the row); ``extra_body`` adds request fields (e.g.
+    ``response_format``) and ``extra_fields`` the result columns ``check`` returns.
+    """
+    price = price_for(spec)
+    worst_case_usd(price, 0, 0, batch=True)  # no batch price: one clear line, before sending
+    key = resolve_api_key(spec)
+    shards = plan_shards(spec)
+    extra = [pa.field("batch_id", pa.string()), *(extra_fields or [])]
+    store = ResultsStore(spec.output, result_schema(_carry_schema(spec, shards), extra=extra))
+
+    async def main() -> BatchOutcome:
+        async with BatchProvider(spec.endpoint, key) as p:
+            d = _Driver(spec, shards, store, p, price=price, check=check,
+                        extra_body=extra_body, initial_poll_s=initial_poll_s)
+            return await _run(d, wait, retry_errors)
+
+    try:
+        return asyncio.run(main())
+    except NoBatchApi:
+        if spec.batch.fallback != "online":
+            raise
+        return BatchOutcome(pending=0, fallback_rows=_unanswered(store, shards))
+
+
+async def _with_state(spec: JobSpec,
+                      fn: Callable[[BatchProvider, BatchJobState], Awaitable[T]]) -> T:
+    state = StateFile(spec.output).load(spec, spec_fingerprint(spec))
+    async with BatchProvider(spec.endpoint, resolve_api_key(spec)) as p:
+        return await fn(p, state)
+
+
+def batch_status(spec: JobSpec) -> list[dict[str, Any]]:
+    """Each chunk's step, and its batch's status and request counts from the provider."""
+    async def ask(p: BatchProvider, state: BatchJobState) -> list[dict[str, Any]]:
+        out = []
+        for c in state.chunks:
+            info = _chunk_info(c)
+            if c.batch_id is not None:
+                b = await p.retrieve(c.batch_id)
+                info.update(status=b.get("status"), request_counts=b.get("request_counts"))
+            out.append(info)
+        return out
+
+    return asyncio.run(_with_state(spec, ask))
+
+
+def cancel_batches(spec: JobSpec) -> int:
+    """Cancel the job's open batches; returns how many were asked to cancel. A rerun
+    collects what they answered and sends the rest again."""
+    async def cancel(p: BatchProvider, state: BatchJobState) -> int:
+        n = 0
+        for c in state.chunks:
+            if c.step == "created" and c.batch_id is not None:
+                b = await p.retrieve(c.batch_id)
+                if b.get("status") not in TERMINAL | {"cancelling"}:
+                    await p.cancel(c.batch_id)
+                    n += 1
+        return n
+
+    return asyncio.run(_with_state(spec, cancel))

@@ -1,0 +1,62 @@
+"""The entrypoint of a submitted job: ``python -m batchrun.submit_entry job.yaml [--ds D]``.
+
+It runs as the Ray job's driver, in the unpacked ``working_dir`` (see ``submit.py``).
+Before anything else it moves the API key from the package's key file into this
+process's environment and deletes the file, so the key lives on the node only in
+this process (and the object store, for the workers) for the job's lifetime.
+Exit codes are ``batchrun run``'s: the job server reports non-zero as FAILED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from batchrun.errors import BatchrunError
+from batchrun.spec import load_spec
+from batchrun.submit import KEY_FILE
+
+__all__ = ["load_key", "main"]
+
+
+def load_key(spec_path: str) -> bool:
+    """Move the key file next to the spec into ``os.environ``; True when there was one."""
+    path = Path(spec_path).parent / KEY_FILE
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        return False  # no key needed, or the cluster's environment provides it
+    finally:
+        path.unlink(missing_ok=True)  # read once: never left on the node's disk
+    name = load_spec(spec_path).endpoint.api_key_env
+    if name and key:
+        os.environ[name] = key
+    return bool(key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="batchrun.submit_entry")
+    parser.add_argument("spec")
+    parser.add_argument("--ds", default=None)
+    parser.add_argument("--retry-errors", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from batchrun.runner import RunOptions, run_job
+
+    try:
+        load_key(args.spec)
+        summary = run_job(args.spec, RunOptions(ds=args.ds, retry_errors=args.retry_errors,
+                                                progress=False))
+    except BatchrunError as e:
+        print(f"batchrun: error: {e}", file=sys.stderr, flush=True)
+        return int(getattr(e, "exit_code", 1))
+    print(json.dumps(summary.model_dump(mode="json"), indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -229,7 +229,9 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     structured = Structured.from_spec(spec, Path(spec_path).parent)
     for problem in structured.strict_problems() if structured else []:
         log.warning("response_format: %s", problem)
-    extra = structured.result_fields() if structured else None
+    # batch results name their batch; rows sent online (fallback) leave it empty
+    extra = [pa.field("batch_id", pa.string())] if spec.mode == "batch" else []
+    extra += structured.result_fields() if structured else []
     store = ResultsStore(spec.output, result_schema(_carry_schema(spec, shards), extra))
     store.check_writable()
     check_fingerprint(spec, files, force=opts.force)

@@ -86,8 +86,11 @@ def summarize(files: list[Path], *, job: str, wall_s: float, run_started: dateti
         by_type[e or "unknown"] = by_type.get(e or "unknown", 0) + 1
     lat = t.filter(ok_mask)["latency_ms"].combine_chunks() if n else pa.array([], pa.float64())
     p50, p95, p99 = percentile(lat, [0.5, 0.95, 0.99])
-    since = pa.scalar(run_started, t["finished_at"].type)
-    this = t.filter(pc.greater_equal(t["finished_at"], since)) if n else t
+    if n:
+        since = pa.scalar(run_started, t["finished_at"].type)
+        this = t.filter(pc.greater_equal(t["finished_at"], since))
+    else:
+        this = t
     wall = max(wall_s, 1e-9)
     attempts = _sum(t["attempts"])
     return Summary(

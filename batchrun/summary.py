@@ -23,7 +23,7 @@ from rich.table import Table
 
 __all__ = ["Summary", "percentile", "render_summary", "save_summary", "summarize"]
 
-_COLS = ["status", "error_type", "latency_ms", "attempts", "prompt_tokens",
+_COLS = ["model", "status", "error_type", "latency_ms", "attempts", "prompt_tokens",
          "completion_tokens", "total_tokens", "cost_usd", "wait_ms", "finished_at"]
 
 
@@ -50,6 +50,8 @@ class Summary(BaseModel):
     completion_tokens: int = Field(description="Completion tokens billed.")
     total_tokens: int = Field(description="All tokens billed.")
     cost_usd: float = Field(description="Spend, USD.")
+    by_model: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Per model: rows, input_tokens, output_tokens, cost_usd.")
     ray_startup_s: float | None = Field(None, description="Seconds to start or join Ray.")
     pending_batches: int = Field(0, description="Batch mode: batches not finished yet "
                                  "(--no-wait); run the same command later to collect them.")
@@ -71,6 +73,18 @@ def _read(files: list[Path]) -> pa.Table:
 
 def _sum(col: pa.ChunkedArray | pa.Array) -> float:
     return float(pc.sum(col).as_py() or 0) if len(col) else 0.0
+
+
+def _by_model(t: pa.Table) -> dict[str, dict[str, float]]:
+    if t.num_rows == 0:
+        return {}
+    g = t.group_by("model").aggregate([("status", "count"), ("prompt_tokens", "sum"),
+                                       ("completion_tokens", "sum"), ("cost_usd", "sum")])
+    return {row["model"]: {"rows": row["status_count"],
+                           "input_tokens": row["prompt_tokens_sum"] or 0,
+                           "output_tokens": row["completion_tokens_sum"] or 0,
+                           "cost_usd": row["cost_usd_sum"] or 0.0}
+            for row in g.to_pylist()}
 
 
 def summarize(files: list[Path], *, job: str, wall_s: float, run_started: datetime,
@@ -106,6 +120,7 @@ def summarize(files: list[Path], *, job: str, wall_s: float, run_started: dateti
         prompt_tokens=int(_sum(t["prompt_tokens"])),
         completion_tokens=int(_sum(t["completion_tokens"])),
         total_tokens=int(_sum(t["total_tokens"])), cost_usd=_sum(t["cost_usd"]),
+        by_model=_by_model(t),
         ray_startup_s=ray_startup_s, budget_exhausted=budget_exhausted,
         pending_batches=pending_batches,
     )
@@ -137,6 +152,9 @@ def render_summary(s: Summary) -> Table:
         ("tokens in / out", f"{s.prompt_tokens:,} / {s.completion_tokens:,}"),
         ("cost", f"${s.cost_usd:,.4f}"),
     ]
+    for model, m in s.by_model.items():
+        rows.append((f"  {model}", f"{m['input_tokens']:,.0f} in / {m['output_tokens']:,.0f} out"
+                                   f" / ${m['cost_usd']:,.4f}"))
     for k, v in rows:
         t.add_row(k, v)
     return t

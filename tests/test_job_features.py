@@ -185,3 +185,32 @@ def test_percentile_is_linear_interpolation() -> None:
         got = percentile(pa.array(x), [0.5, 0.95, 0.99])
         assert np.allclose(got, np.percentile(x, [50, 95, 99]))
     assert percentile(pa.array([], pa.float64()), [0.5]) == [None]
+
+
+def test_oversized_and_non_json_answers_are_row_errors(tmp_path: Path) -> None:
+    make_prompts(tmp_path / "in.parquet", 100)
+    cfg = MockConfig(oversize_rate=0.1, oversize_bytes=2_000_000, nonjson_rate=0.1, seed=9)
+    with start_subprocess(cfg) as server:
+        spec = write_spec(tmp_path, limits=FAST, retry={"max_attempts": 1},
+                          endpoint={"base_url": server.base_url, "max_response_bytes": 100_000})
+        summary = run_job(str(spec), QUIET)
+    assert summary.rows == 100
+    assert summary.errors_by_type.get("response_too_large", 0) > 0
+    assert summary.errors_by_type.get("http_502", 0) > 0  # an HTML error page: retryable
+
+
+def test_daily_ledger_is_shared_by_jobs(tmp_path: Path) -> None:
+    price = {"input_per_1m": 2000.0, "output_per_1m": 2000.0}
+    budget = {"daily_usd": 6.0, "ledger_dir": str(tmp_path / "ledger"),
+              "timezone": "Asia/Ho_Chi_Minh"}
+    billed = 0.0
+    with start_subprocess(MockConfig(latency_ms=20)) as server:
+        for name in ("job-a", "job-b"):
+            folder = tmp_path / name
+            make_prompts(folder / "in.parquet", 150)
+            spec = write_spec(folder, name=name, endpoint={"base_url": server.base_url},
+                              price=price, limits=FAST, budget=budget)
+            run_job(str(spec), QUIET)
+        s = server.stats()
+        billed = (s["prompt_tokens_billed"] + s["completion_tokens_billed"]) * 2000 / 1e6
+    assert 3.0 < billed <= 6.0  # both jobs together stayed under the shared daily cap

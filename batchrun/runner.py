@@ -259,8 +259,8 @@ def _run_online(job: _Job, spec: JobSpec, key: str | None,
     return (ray_s if started_ray else None), exhausted
 
 
-def _run_batch(job: _Job, spec: JobSpec, opts: RunOptions) -> tuple[int, int]:
-    """Batch API mode; returns (batches still pending, rows left for the online path)."""
+def _run_batch(job: _Job, spec: JobSpec, opts: RunOptions) -> tuple[int, int, bool]:
+    """Batch API mode: (batches pending, rows left for the online path, budget exhausted)."""
     from batchrun.batch import run_batch_job
 
     s = job.structured
@@ -268,7 +268,7 @@ def _run_batch(job: _Job, spec: JobSpec, opts: RunOptions) -> tuple[int, int]:
                         check=s.check if s else None,
                         extra_body=s.request_fields() if s else None,
                         extra_fields=s.result_fields() if s else None)
-    return out.pending, out.fallback_rows
+    return out.pending, out.fallback_rows, out.budget_exhausted
 
 
 def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
@@ -279,7 +279,7 @@ def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
         started, t0 = datetime.now(UTC), time.monotonic()
         ray_s, exhausted, pending, fallback = None, False, 0, 0
         if spec.mode == "batch":
-            pending, fallback = _run_batch(job, spec, opts)
+            pending, fallback, exhausted = _run_batch(job, spec, opts)
         if spec.mode == "online" or fallback:
             ray_s, exhausted = _run_online(job, spec, key, opts)
         summary = summarize(job.store.result_files(), job=spec.name,

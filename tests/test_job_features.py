@@ -214,3 +214,19 @@ def test_daily_ledger_is_shared_by_jobs(tmp_path: Path) -> None:
         s = server.stats()
         billed = (s["prompt_tokens_billed"] + s["completion_tokens_billed"]) * 2000 / 1e6
     assert 3.0 < billed <= 6.0  # both jobs together stayed under the shared daily cap
+
+
+def test_batch_mode_budget_reserves_chunks_at_the_batch_price(tmp_path: Path) -> None:
+    make_prompts(tmp_path / "in.parquet", 90, row_group=30)
+    price = {"input_per_1m": 2000.0, "output_per_1m": 2000.0,
+             "batch_input_per_1m": 1000.0, "batch_output_per_1m": 1000.0}
+    common = dict(mode="batch", shard_rows=30, limits=FAST, price=price,
+                  batch={"max_requests_per_file": 30, "poll_interval_s": 0.5},
+                  simulate={"batch_delay_s": 0.2})
+    spec = write_spec(tmp_path, budget={"max_cost_usd": 4.0}, **common)
+    first = run_job(str(spec), QUIET)
+    # a 30-row chunk's worst case is ~30 x (40 + 32 tokens) x $0.001 = ~$2.2: one fits in $4
+    assert first.budget_exhausted and 0 < first.rows < 90 and first.cost_usd <= 4.0
+    spec = write_spec(tmp_path, budget={"max_cost_usd": 50.0}, **common)
+    second = run_job(str(spec), QUIET)
+    assert second.ok == 90 and not second.budget_exhausted and second.cost_usd <= 50.0

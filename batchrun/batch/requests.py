@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -87,6 +87,7 @@ class ChunkWriter:
         self._positions: dict[int, list[int]] = {}
         self.n_requests = 0
         self.n_bytes = 0
+        self.worst_usd = 0.0
 
     def fits(self, spec: JobSpec, line: bytes | None) -> bool:
         if line is None:
@@ -94,9 +95,10 @@ class ChunkWriter:
         return (self.n_requests < spec.batch.max_requests_per_file
                 and self.n_bytes + len(line) <= spec.batch.max_bytes_per_file)
 
-    def add(self, shard_index: int, pos: int, line: bytes | None) -> None:
+    def add(self, shard_index: int, pos: int, line: bytes | None, worst_usd: float = 0.0) -> None:
         """Add a row; ``line`` None for a bad row (recorded as an error when collected)."""
         assert self._f is not None
+        self.worst_usd += worst_usd
         self._positions.setdefault(shard_index, []).append(pos)
         if line is not None:
             self._f.write(line)
@@ -118,7 +120,7 @@ class ChunkWriter:
         ranges: Ranges = {s: to_ranges(p) for s, p in self._positions.items()}
         return ChunkState(seq=self.seq, attempt=self.attempt, rows=ranges,
                           n_rows=count_rows(ranges), n_requests=self.n_requests,
-                          file=self.name)
+                          file=self.name, worst_usd=self.worst_usd)
 
     def discard(self) -> None:
         if self._f is not None:
@@ -143,7 +145,8 @@ def line_for(spec: JobSpec, shard: Shard, pos: int, row: RequestRow,
 
 
 def write_chunks(spec: JobSpec, shards: list[Shard], folder: Path, first_seq: int,
-                 extra_body: dict[str, Any] | None = None) -> Iterator[ChunkState]:
+                 extra_body: dict[str, Any] | None = None,
+                 worst: Callable[[RequestRow], float] | None = None) -> Iterator[ChunkState]:
     """Every row of ``shards`` into JSONL chunks, yielding each chunk once it is on disk."""
     writer = ChunkWriter(folder, first_seq)
     try:
@@ -153,7 +156,7 @@ def write_chunks(spec: JobSpec, shards: list[Shard], folder: Path, first_seq: in
                 if not writer.fits(spec, line):
                     yield writer.close()
                     writer = ChunkWriter(folder, writer.seq + 1)
-                writer.add(shard.index, pos, line)
+                writer.add(shard.index, pos, line, worst(row) if worst else 0.0)
         if not writer.empty:
             yield writer.close()
         else:

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
+from batchrun.batch.gate import ChunkBudget, row_worst_usd
 from batchrun.batch.provider import TERMINAL, BatchProvider, NoBatchApi
 from batchrun.batch.requests import ChunkWriter, iter_selected, line_for, write_chunks
 from batchrun.batch.state import (
@@ -58,6 +59,7 @@ class BatchOutcome:
     pending: int  # chunks still open with the provider (wait=False)
     fallback_rows: int  # rows left without a result for the online path
     batches: list[dict[str, Any]] = field(default_factory=list)  # one per chunk
+    budget_exhausted: bool = False  # chunks left unsent because the cap could not cover them
 
     @property
     def done(self) -> bool:
@@ -90,12 +92,23 @@ class _Driver:
         self.sf = StateFile(spec.output)
         self.state: BatchJobState = self.sf.load(spec, self.fingerprint)
         self.rng = random.Random()
+        committed = store.spent_usd() + sum(
+            c.worst_usd for c in self.state.chunks if c.step in ("created", "completed"))
+        self.gate = ChunkBudget(spec.budget.max_cost_usd, committed)
 
     def save(self) -> None:
         self.sf.save(self.state)
 
     def open_chunks(self) -> list[ChunkState]:
         return [c for c in self.state.chunks if c.step in OPEN_STEPS]
+
+    def active_chunks(self) -> list[ChunkState]:
+        """Open chunks, less those the budget refused (unsent, not pending)."""
+        return [c for c in self.open_chunks()
+                if not (c.step in ("written", "uploaded") and self.gate.refused(c.seq))]
+
+    def _worst(self, row: RequestRow) -> float:
+        return row_worst_usd(self.spec, self.price, row)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """A provider call, retried with full-jitter backoff on transient errors."""
@@ -117,7 +130,8 @@ class _Driver:
             return
         known = {c.seq for c in self.state.chunks}
         shards = [self.shards[i] for i in sorted(self.shards)]
-        for chunk in write_chunks(self.spec, shards, self.sf.dir, 0, self.extra_body):
+        for chunk in write_chunks(self.spec, shards, self.sf.dir, 0, self.extra_body,
+                                  self._worst):
             if chunk.seq not in known:
                 self.state.chunks.append(chunk)
                 self.state.next_seq = chunk.seq + 1
@@ -153,7 +167,7 @@ class _Driver:
             if writer is None:
                 writer = ChunkWriter(self.sf.dir, self.state.next_seq, attempt)
                 self.state.next_seq += 1
-            writer.add(sidx, pos, line)
+            writer.add(sidx, pos, line, self._worst(row))
         if writer is not None:
             self.state.chunks.append(writer.close())
 
@@ -186,6 +200,8 @@ class _Driver:
             c.step, c.batch_status = "completed", "completed"
             self.save()
             return
+        if not self.gate.admit(c.seq, c.worst_usd):
+            return  # over the budget: the chunk stays unsent for a later run
         if c.step == "written":
             f = await self._retrying(lambda: self.p.upload(self.sf.dir / c.file))
             c.file_id, c.step = str(f["id"]), "uploaded"
@@ -237,6 +253,8 @@ class _Driver:
         res = collect_chunk(self.spec, c, self.shards, lines, c.batch_status or "completed",
                             price=self.price, check=self.check,
                             can_retry=online or c.attempt < self.spec.retry.max_attempts)
+        self.gate.settle(c.seq, sum(r.get("cost_usd") or 0.0
+                                    for recs in res.records.values() for r in recs))
         for sidx, records in res.records.items():
             if records:
                 table = pa.Table.from_pylist(records, schema=self.store.schema)
@@ -268,7 +286,7 @@ class _Driver:
 
     async def wait_all(self) -> None:
         delay = self.initial_poll_s
-        while self.open_chunks():
+        while self.active_chunks():
             if await self.poll_round():
                 delay = self.initial_poll_s
                 continue
@@ -282,7 +300,8 @@ class _Driver:
                 self.store.finalize(shard.name)
 
     def outcome(self) -> BatchOutcome:
-        return BatchOutcome(pending=len(self.open_chunks()),
+        return BatchOutcome(pending=len(self.active_chunks()),
+                            budget_exhausted=self.gate.exhausted,
                             fallback_rows=count_rows(self.state.fallback),
                             batches=[_chunk_info(c) for c in self.state.chunks])
 
@@ -297,7 +316,7 @@ async def _run(d: _Driver, wait: bool, retry_errors: bool) -> BatchOutcome:
         await d.wait_all()
     else:
         await d.poll_round()
-    if not d.open_chunks():
+    if not d.active_chunks():
         d.finalize()
     return d.outcome()
 

@@ -60,6 +60,7 @@ class ChunkState(_Strict):
     rows: Ranges = Field(description="The chunk's rows as position ranges per shard index.")
     n_rows: int = Field(description="Rows covered, bad rows included.")
     n_requests: int = Field(description="Request lines in the JSONL file.")
+    worst_usd: float = Field(default=0.0, description="Worst-case cost at the batch price.")
     file: str = Field(description="JSONL file name inside OUTPUT/batch/.")
     file_id: str | None = Field(default=None, description="Provider's id of the uploaded file.")
     batch_id: str | None = Field(default=None, description="Provider's batch id.")

@@ -6,26 +6,22 @@ through a small *supervisor* process that logs its output and records its exit c
 so outcomes are kept with ``--no-wait`` and across scheduler restarts. Overlap is *deferred*:
 nothing is recorded for a busy job's due slot; when its run ends, the catch-up policy decides
 as if the scheduler had been down meanwhile. Design notes: docs/scheduling.md.
+
+This module holds job loading and tick/once/loop; the state database (``StateDB``) and the
+supervisor live in ``batchrun.scheduler_state`` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shlex
-import signal
-import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
-
-import psutil
 
 from batchrun.errors import BatchrunError, UserError
 from batchrun.schedule import (
@@ -37,6 +33,14 @@ from batchrun.schedule import (
     slot_ds,
     slot_key,
     validate_cron,
+)
+from batchrun.scheduler_state import (
+    EXIT_PENDING,
+    RunRecord,
+    StateDB,
+    _utcnow,
+    supervise_main,
+    supervisor_command,
 )
 
 __all__ = [
@@ -59,192 +63,10 @@ __all__ = [
 log = logging.getLogger("batchrun.scheduler")
 
 DEFAULT_STATE_DIR = Path("~/.batchrun")
-EXIT_PENDING = 10  # reserved by `batchrun run/submit`: a Batch API job is still pending
-ACTIVE = ("starting", "running")
 RESCAN_S = 60.0  # longest sleep: the jobs folder is re-read at every wakeup
 BUSY_POLL_S = 5.0  # a deferred slot is re-checked this often while its job is busy
-_START_WINDOW = timedelta(seconds=60)  # claim -> supervisor start, and pid-reuse guard
 
 CommandFor = Callable[[str, str], list[str]]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    job_name TEXT NOT NULL, slot_utc TEXT NOT NULL, ds TEXT NOT NULL,
-    started_at TEXT, finished_at TEXT, status TEXT NOT NULL,
-    exit_code INTEGER, pid INTEGER, log_path TEXT,
-    UNIQUE (job_name, slot_utc)
-);
-CREATE TABLE IF NOT EXISTS jobs (job_name TEXT PRIMARY KEY, first_seen_utc TEXT NOT NULL);
-"""
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).isoformat(timespec="seconds")
-
-
-def _from_key(key: str) -> datetime:
-    return datetime.strptime(key, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
-def _status_for(exit_code: int) -> str:
-    if exit_code == 0:
-        return "succeeded"
-    return "pending" if exit_code == EXIT_PENDING else "failed"
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    job_name: str
-    slot_utc: str
-    ds: str
-    started_at: str | None
-    finished_at: str | None
-    status: str
-    exit_code: int | None
-    pid: int | None
-    log_path: str | None
-
-
-class StateDB:
-    """The scheduler's sqlite state: one row per claimed slot, and when each job was first seen."""
-
-    def __init__(self, state_dir: str | Path):
-        self.state_dir = Path(state_dir).expanduser()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.state_dir / "scheduler.db"
-        # Autocommit; writes that must be atomic use BEGIN IMMEDIATE (the write lock).
-        # WAL + a busy timeout let supervisors write while the scheduler reads.
-        self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        self.conn.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
-
-    def first_seen(self, job: str, now: datetime) -> datetime:
-        """When the scheduler first saw ``job`` (recorded as ``now`` the first time)."""
-        self.conn.execute("INSERT OR IGNORE INTO jobs VALUES (?, ?)", (job, slot_key(now)))
-        row = self.conn.execute("SELECT first_seen_utc FROM jobs WHERE job_name=?", (job,))
-        return _from_key(row.fetchone()[0])
-
-    def last_slot(self, job: str) -> datetime | None:
-        # slot_utc is fixed-width ISO text, so text order is time order.
-        row = self.conn.execute("SELECT MAX(slot_utc) FROM runs WHERE job_name=?", (job,))
-        key = row.fetchone()[0]
-        return _from_key(key) if key else None
-
-    def runs(self, job: str | None = None) -> list[RunRecord]:
-        sql = "SELECT * FROM runs" + (" WHERE job_name=?" if job else "") + " ORDER BY slot_utc"
-        return [RunRecord(*r) for r in self.conn.execute(sql, (job,) if job else ())]
-
-    def get(self, job: str, key: str) -> RunRecord | None:
-        cur = self.conn.execute("SELECT * FROM runs WHERE job_name=? AND slot_utc=?", (job, key))
-        row = cur.fetchone()
-        return RunRecord(*row) if row else None
-
-    def claim(self, job: str, key: str, ds: str, log_path: Path) -> str:
-        """Claim a slot: ``claimed``, ``busy`` (a run of the job is alive) or ``taken``."""
-        with self._write() as c:
-            if self.get(job, key) is not None:
-                return "taken"
-            for pid, started, slot in c.execute(
-                "SELECT pid, started_at, slot_utc FROM runs WHERE job_name=? AND status IN (?, ?)",
-                (job, *ACTIVE),
-            ).fetchall():
-                if _alive(pid, started):
-                    return "busy"
-                # The supervisor died without recording (SIGKILL, reboot): close the row.
-                c.execute(
-                    "UPDATE runs SET status='lost', finished_at=? WHERE job_name=? AND slot_utc=?",
-                    (_iso(_utcnow()), job, slot),
-                )
-            try:
-                c.execute(
-                    "INSERT INTO runs (job_name, slot_utc, ds, started_at, status, log_path) "
-                    "VALUES (?, ?, ?, ?, 'starting', ?)",
-                    (job, key, ds, _iso(_utcnow()), str(log_path)),
-                )
-            except sqlite3.IntegrityError:
-                return "taken"
-        return "claimed"
-
-    def mark_running(self, job: str, key: str, pid: int) -> None:
-        # Conditional: a fast supervisor may already have written its final status.
-        self.conn.execute(
-            "UPDATE runs SET status='running', pid=COALESCE(pid, ?) "
-            "WHERE job_name=? AND slot_utc=? AND status='starting'",
-            (pid, job, key),
-        )
-
-    def finish(self, job: str, key: str, exit_code: int | None, status: str) -> None:
-        self.conn.execute(
-            "UPDATE runs SET status=?, exit_code=?, finished_at=? WHERE job_name=? AND slot_utc=?",
-            (status, exit_code, _iso(_utcnow()), job, key),
-        )
-
-
-def _alive(pid: int | None, started_at: str | None) -> bool:
-    """Whether the supervisor of a run still lives (a zombie or a reused pid does not count)."""
-    started = datetime.fromisoformat(started_at) if started_at else _utcnow()
-    if pid is None:  # claimed, supervisor not started yet (or the claimer died right there)
-        return _utcnow() - started < _START_WINDOW
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        # A pid reused by a later process has a creation time well after the claim.
-        return proc.create_time() <= (started + _START_WINDOW).timestamp()
-    except psutil.Error:
-        return False
-
-
-# -- the supervisor: one small process per run, started with `python -c _BOOT` ------------
-
-_PKG_ROOT = str(Path(__file__).resolve().parent.parent)
-# Not `python -m batchrun.scheduler`: that needs batchrun installed or the cwd at the
-# repo root; the supervisor must import this very copy of batchrun.
-_BOOT = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from batchrun.scheduler import supervise_main; sys.exit(supervise_main(sys.argv[2:]))"
-)
-
-
-def supervise_main(argv: list[str]) -> int:
-    """``DB JOB SLOT LOG -- CMD...``: run CMD, log its output, record its outcome in DB."""
-    db_path, job, key, log_path, sep, *cmd = argv
-    assert sep == "--" and cmd, "usage: DB JOB SLOT LOG -- CMD..."
-    db = StateDB(Path(db_path).parent)
-    db.mark_running(job, key, os.getpid())
-    with open(log_path, "ab") as out:
-        out.write(f"# batchrun scheduler: {job} slot {key}: {shlex.join(cmd)}\n".encode())
-        out.flush()
-        try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-        except OSError as e:
-            out.write(f"# could not start: {e}\n".encode())
-            db.finish(job, key, 127, "start_failed")
-            return 127
-        # Stopping the supervisor stops its run, and the outcome is still recorded.
-        signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-        code = proc.wait()
-        out.write(f"# exit code {code}\n".encode())
-    db.finish(job, key, code, _status_for(code))
-    return 0
-
 
 # -- jobs and commands --------------------------------------------------------------------
 
@@ -266,7 +88,7 @@ def load_jobs(jobs_dir: str | Path, *, strict: bool = True) -> list[ScheduledJob
     """The scheduled jobs of a folder's ``*.yaml``/``*.yml`` specs (specs without ``schedule:``
     are skipped). ``strict``: any bad spec is a ``UserError``; otherwise it is logged and skipped
     (the running loop must not die because someone saved a half-written file)."""
-    from batchrun.spec import load_spec  # lazy: supervisors import this module, not pydantic
+    from batchrun.spec import load_spec  # lazy: importing this module needs no pydantic
 
     folder = Path(jobs_dir).expanduser()
     if not folder.is_dir():
@@ -349,10 +171,9 @@ def _start(
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = command_for(job.spec_path, ds)
-        run_args = [job.name, key, str(log_path)]
         with open(log_path, "ab") as err:  # the supervisor's own errors land in the log too
             proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, _PKG_ROOT, str(db.path), *run_args, "--", *cmd],
+                supervisor_command(db.path, job.name, key, log_path, cmd),
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,

@@ -129,6 +129,10 @@ class ChatClient:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise RetryableError(
                 f"connection failed: {type(e).__name__}", error_type="connection") from None
+        except aiohttp.ClientError as e:  # redirects and the like; `from None`: its
+            # request_info holds our headers, the key among them
+            raise FatalRequestError(f"request failed: {type(e).__name__}",
+                                    error_type="client_error") from None
         if status == 200:
             return _parse(raw)
         message = f"HTTP {status}: {_provider_message(raw)}"

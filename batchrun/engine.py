@@ -8,6 +8,7 @@ nothing but cancellation escapes it, so a bad row can never crash a shard.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from batchrun.shards import RequestRow
 from batchrun.spec import JobSpec, RetrySpec
 
 __all__ = ["RowRunner", "backoff_s"]
+
+log = logging.getLogger("batchrun")
 
 
 @dataclass
@@ -105,19 +108,28 @@ class RowRunner:
         return cost_usd(self._price, c.prompt_tokens, c.completion_tokens) if self._price else 0.0
 
     def _settle_failure(self, usd: float | None, e: RequestError) -> None:
-        # a timed-out or cut request may still have been processed and billed: assume
-        # the worst; a 429/5xx/4xx answer was not billed
+        # A timed-out or cut request may have been processed, and an HTTP 200 whose body
+        # we rejected (malformed, too large) was: assume the worst. 429/5xx/4xx: not billed.
         if usd is not None:
-            unknown = e.error_type in ("timeout", "connection")
-            self._permits.settle(usd, usd if unknown else 0.0)
+            maybe_billed = e.error_type in ("timeout", "connection") or e.status == 200
+            self._permits.settle(usd, usd if maybe_billed else 0.0)
 
     async def run(self, row: RequestRow) -> dict[str, Any] | None:
         """Attempts until success, a fatal error or ``max_attempts``.
 
         Returns the row's one result record, or None when the budget refused to pay
-        for it: the row stays unsent, for a later run.
+        for it: the row stays unsent, for a later run. An unexpected exception becomes
+        the row's error record: one bad row must not cancel the requests beside it.
         """
         started = _now()
+        try:
+            return await self._run(row, started)
+        except Exception as e:
+            log.exception("row %s: unexpected %s", row.id, type(e).__name__)
+            return self._record(row, started, status="error", error_type="internal",
+                                error_message=f"{type(e).__name__}: {e}"[:500])
+
+    async def _run(self, row: RequestRow, started: datetime) -> dict[str, Any] | None:
         if row.messages is None:
             return self._record(row, started, status="error", error_type="bad_row",
                                 error_message=row.error)

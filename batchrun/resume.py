@@ -31,7 +31,7 @@ __all__ = ["Fingerprint", "check_fingerprint", "find_duplicate_ids", "fingerprin
            "refuse_duplicates"]
 
 _REQUEST_FIELDS = ("model", "prompt_column", "messages_column", "system_prompt", "id_column",
-                   "generation", "response_format")  # not mode: both get the same answers
+                   "generation", "response_format", "carry_columns")  # not mode: same answers
 
 
 class InputFile(BaseModel):

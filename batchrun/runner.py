@@ -74,8 +74,11 @@ def simulated_provider(spec: JobSpec) -> Iterator[JobSpec]:
     from batchrun.mockserver import MockConfig, start_subprocess
 
     key = None
-    if spec.endpoint.api_key_env:  # a throwaway key, so the demo runs with none set
-        key = os.environ.setdefault(spec.endpoint.api_key_env, "sim-" + secrets.token_hex(16))
+    if spec.endpoint.api_key_env:
+        # always a throwaway key: a real one exported under this name must never reach
+        # the simulator (or a simulated job's files)
+        key = "sim-" + secrets.token_hex(16)
+        os.environ[spec.endpoint.api_key_env] = key
     sim = spec.simulate.model_dump()
     sim.update(rpm=sim["rpm"] or 0, tpm=sim["tpm"] or 0)  # None: unlimited, 0 to the server
     cfg = MockConfig(**sim, api_key=key)
@@ -158,12 +161,16 @@ def _start_actors(spec: JobSpec, key: str | None, schema: pa.Schema,
     # The actors hold it as long as they live, so a restarted worker can read it again.
     key_box = [ray.put(key) if key else None]
     per_worker = max(1, spec.limits.max_concurrency // spec.workers)
-    workers = [
-        Worker.options(  # type: ignore[attr-defined]
-            name=worker_name(spec.name, i), num_cpus=WORKER_CPUS).remote(
-            spec, per_worker, key_box, schema, budget is not None, structured)
-        for i in range(spec.workers)
-    ]
+    try:
+        workers = [
+            Worker.options(  # type: ignore[attr-defined]
+                name=worker_name(spec.name, i), num_cpus=WORKER_CPUS).remote(
+                spec, per_worker, key_box, schema, budget is not None, structured)
+            for i in range(spec.workers)
+        ]
+    except BaseException:
+        ray.kill(limiter, no_restart=True)  # else its name blocks the next run
+        raise
     return JobActors(limiter, workers, key_box)
 
 
@@ -249,11 +256,13 @@ def _run_online(job: _Job, spec: JobSpec, key: str | None,
         log.info("job %s is already complete: %d rows in %s", spec.name, job.total, spec.output)
         return None, False
     ray_s, started_ray = _connect(opts, spec)
-    actors = _start_actors(spec, key, job.store.schema, budget, job.structured)
+    actors: JobActors | None = None
     try:
+        actors = _start_actors(spec, key, job.store.schema, budget, job.structured)
         exhausted = _run_dispatch(spec, actors, job.store, plans, job.total, done, opts)
     finally:
-        _stop_actors(actors)
+        if actors is not None:
+            _stop_actors(actors)
         if started_ray:
             ray.shutdown()
     return (ray_s if started_ray else None), exhausted
@@ -280,7 +289,10 @@ def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
         ray_s, exhausted, pending, fallback = None, False, 0, 0
         if spec.mode == "batch":
             pending, fallback, exhausted = _run_batch(job, spec, opts)
-        if spec.mode == "online" or fallback:
+        # Online fallback only once no batch is open (their rows would be paid twice)
+        # and the budget is not spent: then the rows without results are exactly those
+        # the batches failed to answer.
+        if spec.mode == "online" or (fallback and not pending and not exhausted):
             ray_s, exhausted = _run_online(job, spec, key, opts)
         summary = summarize(job.store.result_files(), job=spec.name,
                             wall_s=time.monotonic() - t0, run_started=started,

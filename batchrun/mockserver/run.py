@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from batchrun.mockserver.app import STATE, build_app
-from batchrun.mockserver.config import MockConfig, add_arguments
+from batchrun.mockserver.config import API_KEY_ENV, MockConfig, add_arguments
 
 __all__ = ["MockProcess", "RunningServer", "main", "serve_forever", "start_in_thread",
            "start_subprocess"]
@@ -216,11 +217,17 @@ def start_subprocess(config: MockConfig | None = None, host: str = "127.0.0.1",
     tmpdir = tempfile.mkdtemp(prefix="batchrun-mock-")
     port_file = os.path.join(tmpdir, "port")
     stderr_path = os.path.join(tmpdir, "stderr")
-    argv = [sys.executable, "-m", "batchrun.mockserver", *config.to_argv(),
+    # the key goes through the child's environment, not its command line (`ps` shows that)
+    argv = [sys.executable, "-m", "batchrun.mockserver",
+            *dataclasses.replace(config, api_key=None).to_argv(),
             "--host", host, "--port", "0", "--port-file", port_file]
+    env = _child_env()
+    env.pop(API_KEY_ENV, None)
+    if config.api_key:
+        env[API_KEY_ENV] = config.api_key
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err, env=_child_env())
+                                stderr=err, env=env)
     deadline = time.monotonic() + deadline_s
     while not os.path.exists(port_file):  # written atomically once the socket listens
         if proc.poll() is not None or time.monotonic() > deadline:

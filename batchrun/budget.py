@@ -212,6 +212,21 @@ class DailyLedger:
         self._open_days.pop(job_id, None)
         return released / _NANO
 
+    def charge_stale(self, job_id: str) -> float:
+        """A crashed run of ``job_id`` left reservations: count them as spent, since the
+        requests they covered may have been billed. Called when the job starts again."""
+        charged = 0
+        with self._locked():
+            for path in sorted(self.folder.glob("????-??-??.json")):
+                doc = self._read(path.stem)
+                job = doc["jobs"].get(job_id)
+                if job and job["reserved_nusd"]:
+                    charged += job["reserved_nusd"]
+                    job["spent_nusd"] += job["reserved_nusd"]
+                    job["reserved_nusd"] = 0
+                    self._write(path.stem, doc)
+        return charged / _NANO
+
     def totals(self, day: str | None = None) -> dict[str, float]:
         """``{"spent", "reserved", "remaining"}`` of a day (default today), USD."""
         key = day or self.day_key()

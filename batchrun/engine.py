@@ -145,7 +145,12 @@ class RowRunner:
                 return self._record(row, started, status="error", error_type="too_many_tokens",
                                     error_message=str(e), wait_ms=wait * 1e3, **bill.fields())
             except BudgetExhausted:
-                return None
+                if not bill.billed:
+                    return None  # unsent: a later run sends it
+                # earlier attempts were billed: keep the bill (resume sends the row again)
+                return self._record(row, started, status="error", error_type="budget_exhausted",
+                                    error_message="budget exhausted before a valid answer",
+                                    attempts=attempt - 1, wait_ms=wait * 1e3, **bill.fields())
             t0 = time.perf_counter()
             try:
                 c = await self._client.complete(body)

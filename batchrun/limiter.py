@@ -50,6 +50,11 @@ def _spending(cfg: BudgetConfig | None) -> Spending | None:
     return Spending(cfg.job_cap_usd, ledger, cfg.job_id)
 
 
+def _charge_crashed_run(cfg: BudgetConfig | None) -> None:
+    if cfg is not None and cfg.daily_usd is not None and cfg.ledger_dir:
+        DailyLedger(cfg.ledger_dir, cfg.timezone, cfg.daily_usd).charge_stale(cfg.job_id)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class RateLimiter:
     def __init__(self, job: str, rpm: int, tpm: int | None, budget: BudgetConfig | None = None,
@@ -64,6 +69,8 @@ class RateLimiter:
             self._recover(job)
         # A restarted limiter has lost its reservations: it refuses all spending
         # (the run stops as budget-exhausted; a rerun recomputes from the results).
+        if not self.restarted:
+            _charge_crashed_run(budget)
         self._spending = _spending(budget)
         if self.restarted and self._spending is not None:
             self._spending.exhausted = True

@@ -60,6 +60,7 @@ class PermitPool:
         self._waiting: deque[_Waiter] = deque()
         self._settle: list[tuple[float, float]] = []
         self._sent: deque[tuple[float, float]] = deque()  # (local time, cost) of recent sends
+        self._held: dict[object, tuple[float, float]] = {}  # (latest send time, cost)
         self.exhausted = False
         self._leaser: asyncio.Task[None] | None = None
         self._local_pause = 0.0
@@ -71,12 +72,14 @@ class PermitPool:
         self._local_pause = max(self._local_pause, self._clock() + seconds)
 
     def recent_sends(self, window: float = 61.0) -> list[tuple[float, float]]:
-        """(age in seconds, cost) of this pool's sends in the last ``window``: what a
-        restarted limiter needs to rebuild its log. Ages, not times: clocks differ."""
+        """(age in seconds, cost) of this pool's sends in the last ``window``, and of the
+        slots it holds but has not used yet (negative ages: the latest they may go out):
+        what a restarted limiter needs to rebuild its log. Ages, not times: clocks differ."""
         now = self._clock()
         while self._sent and self._sent[0][0] < now - window:
             self._sent.popleft()
-        return [(now - t, c) for t, c in self._sent]
+        held = [(now - latest, c) for latest, c in self._held.values()]
+        return [(now - t, c) for t, c in self._sent] + held
 
     def settle(self, reserved: float, actual: float) -> None:
         """Report what a reserved request cost; sent with the next lease (or ``flush``)."""
@@ -102,10 +105,15 @@ class PermitPool:
             if self._leaser is None or self._leaser.done():
                 self._leaser = asyncio.create_task(self._lease_loop())
             earliest, latest = await fut
-            now = self._clock()
-            if earliest > now:
-                await asyncio.sleep(earliest - now)
+            held = object()
+            self._held[held] = (latest, cost)  # granted, not yet used: a restart must know
+            try:
                 now = self._clock()
+                if earliest > now:
+                    await asyncio.sleep(earliest - now)
+                    now = self._clock()
+            finally:
+                del self._held[held]
             if now <= latest and now >= self._local_pause:
                 self._sent.append((now, cost))
                 return now - t0

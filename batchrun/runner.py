@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -120,8 +121,10 @@ def _plans(spec: JobSpec, shards: list[Shard], store: ResultsStore,
            redo_errors: bool) -> tuple[list[ShardPlan], int]:
     """Shards with work left, and how many rows already have a final answer."""
     plans, done = [], 0
+    # with a budget, a complete shard may hold rows it cut short: look at their ids
+    budgeted = spec.budget.max_cost_usd is not None or spec.budget.daily_usd is not None
     for shard in shards:
-        if store.final_rows(shard.name) == shard.num_rows and not redo_errors:
+        if store.final_rows(shard.name) == shard.num_rows and not (redo_errors or budgeted):
             done += shard.num_rows
             continue
         skip = store.answered_ids(shard.name, redo_errors=redo_errors)
@@ -138,7 +141,12 @@ def _budget(spec: JobSpec, store: ResultsStore) -> BudgetConfig | None:
         return None
     cap = None if b.max_cost_usd is None else max(0.0, b.max_cost_usd - store.spent_usd())
     return BudgetConfig(job_cap_usd=cap, daily_usd=b.daily_usd, ledger_dir=b.ledger_dir,
-                        timezone=b.timezone, job_id=f"{spec.name}:{os.getpid()}")
+                        timezone=b.timezone, job_id=_ledger_id(spec))
+
+
+def _ledger_id(spec: JobSpec) -> str:
+    """Stable across runs of the same job, so a rerun can charge what a crash left."""
+    return f"{spec.name}@{hashlib.sha1(str(Path(spec.output).resolve()).encode()).hexdigest()[:8]}"
 
 
 @dataclass
@@ -179,8 +187,8 @@ def _stop_actors(actors: JobActors) -> None:
     try:
         ray.get(actors.limiter.close.remote(), timeout=30)
     except (ray.exceptions.RayError, TimeoutError) as e:
-        log.warning("rate limiter did not close cleanly (%s); its daily reservations "
-                    "are released by the next run's ledger cleanup", type(e).__name__)
+        log.warning("rate limiter did not close cleanly (%s); the next run of this job "
+                    "charges its daily reservations as spent", type(e).__name__)
     for a in [actors.limiter, *actors.workers]:
         ray.kill(a, no_restart=True)
 

@@ -118,6 +118,17 @@ class GenerationSpec(_Model):
         default_factory=dict, description="Other chat-completion parameters, passed through."
     )
 
+    @field_validator("extra_body")
+    @classmethod
+    def _no_cost_override(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # these would bypass the worst case that budgets and TPM reserve (max_tokens x 1)
+        taken = sorted(set(v) & {"max_tokens", "max_completion_tokens", "n", "model",
+                                 "messages", "stream", "response_format"})
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot go in extra_body; use the spec's own "
+                             "fields (generation.max_tokens, model, response_format)")
+        return v
+
     def request_fields(self) -> dict[str, Any]:
         """The body fields these settings add to every chat-completion request."""
         body = self.model_dump(exclude={"extra_body"}, exclude_none=True)

@@ -162,6 +162,9 @@ class ResultsStore:
             return set()
         if redo_errors:
             table = table.filter(pc.equal(table["status"], "ok"))
+        else:  # a row the budget cut short was never finished: always send it again
+            table = table.filter(pc.invert(pc.equal(
+                pc.fill_null(table["error_type"], ""), "budget_exhausted")))
         return set(table["id"].to_pylist())
 
     def finalize(self, shard_name: str) -> int:

@@ -2,7 +2,9 @@
 
 Each worker runs two shards at a time, so its requests keep flowing across a
 shard boundary. Every table a worker yields is written as a checkpoint part
-before the next is awaited; when the stream ends the shard's parts are merged
+as soon as it arrives (the worker does not wait for the write: rows that
+arrived but were not yet written when the driver dies are the only ones sent
+again, besides those in flight); when the stream ends the shard's parts are merged
 into its final file, which must then hold one row per input row, or the shard
 runs again for the rows it lacks. A worker that dies (Ray restarts it) or goes
 silent past ``STALL_S`` costs only its in-flight rows: the shard is re-sent

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from rich.console import Console
 from rich.progress import (
@@ -41,7 +40,7 @@ from batchrun.limiter import BudgetConfig, RateLimiter, limiter_name
 from batchrun.metrics import JobMetrics
 from batchrun.pricing import price_for
 from batchrun.resume import check_fingerprint, refuse_duplicates
-from batchrun.shards import Shard, plan_shards, validate_input
+from batchrun.shards import Shard, carry_schema, plan_shards, validate_input
 from batchrun.spec import JobSpec, load_spec, resolve_api_key
 from batchrun.structured import Structured
 from batchrun.summary import Summary, save_summary, summarize
@@ -108,13 +107,6 @@ def _connect(opts: RunOptions, spec: JobSpec) -> tuple[float, bool]:
     except (ConnectionError, RuntimeError) as e:
         raise ClusterError(f"cannot start or join Ray at {address or 'local'}: {e}") from e
     return time.monotonic() - t0, True
-
-
-def _carry_schema(spec: JobSpec, shards: list[Shard]) -> pa.Schema | None:
-    if not spec.carry_columns:
-        return None
-    schema = pq.read_schema(shards[0].path)
-    return pa.schema([schema.field(c) for c in spec.carry_columns])
 
 
 def _plans(spec: JobSpec, shards: list[Shard], store: ResultsStore,
@@ -247,7 +239,7 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     # batch results name their batch; rows sent online (fallback) leave it empty
     extra = [pa.field("batch_id", pa.string())] if spec.mode == "batch" else []
     extra += structured.result_fields() if structured else []
-    store = ResultsStore(spec.output, result_schema(_carry_schema(spec, shards), extra))
+    store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra))
     store.check_writable()
     check_fingerprint(spec, files, force=opts.force)
     return _Job(spec, shards, sum(s.num_rows for s in shards), store, structured)

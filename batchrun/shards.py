@@ -27,6 +27,7 @@ from batchrun.spec import JobSpec
 __all__ = [
     "RequestRow",
     "Shard",
+    "carry_schema",
     "input_files",
     "iter_shard_rows",
     "plan_shards",
@@ -61,6 +62,14 @@ class RequestRow:
     messages: list[dict[str, Any]] | None
     error: str | None = None
     carry: dict[str, Any] = field(default_factory=dict)
+
+
+def carry_schema(spec: JobSpec, shards: list[Shard]) -> pa.Schema | None:
+    """The types of the carried columns, from the first input file (all were checked)."""
+    if not spec.carry_columns:
+        return None
+    schema = pq.read_schema(shards[0].path)
+    return pa.schema([schema.field(c) for c in spec.carry_columns])
 
 
 def input_files(spec: JobSpec) -> list[str]:

@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
 from batchrun.batch.gate import ChunkBudget, row_worst_usd
@@ -43,7 +42,7 @@ from batchrun.batch.state import (
 from batchrun.engine import backoff_s
 from batchrun.errors import RetryableError
 from batchrun.pricing import ModelPrice, price_for, worst_case_usd
-from batchrun.shards import RequestRow, Shard, plan_shards
+from batchrun.shards import RequestRow, Shard, carry_schema, plan_shards
 from batchrun.spec import JobSpec, resolve_api_key
 from batchrun.writer import ResultsStore, result_schema
 
@@ -69,13 +68,6 @@ class BatchOutcome:
 def _chunk_info(c: ChunkState) -> dict[str, Any]:
     return {"chunk": c.seq, "attempt": c.attempt, "step": c.step, "batch_id": c.batch_id,
             "status": c.batch_status, "rows": c.n_rows, "requests": c.n_requests}
-
-
-def _carry_schema(spec: JobSpec, shards: list[Shard]) -> pa.Schema | None:
-    if not spec.carry_columns or not shards:
-        return None
-    schema = pq.read_schema(shards[0].path)
-    return pa.schema([schema.field(c) for c in spec.carry_columns])
 
 
 class _Driver:
@@ -358,7 +350,7 @@ def run_batch_job(spec: JobSpec, *, wait: bool = True, retry_errors: bool = Fals
     key = resolve_api_key(spec)
     shards = plan_shards(spec)
     extra = [pa.field("batch_id", pa.string()), *(extra_fields or [])]
-    store = ResultsStore(spec.output, result_schema(_carry_schema(spec, shards), extra=extra))
+    store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra=extra))
 
     async def main() -> BatchOutcome:
         async with BatchProvider(spec.endpoint, key) as p:

@@ -17,6 +17,7 @@ trip) gives the slot up and queues again: a slot is never stretched.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from batchrun.errors import BudgetExhausted
 
 __all__ = ["LeaseAnswer", "PermitPool", "PermitTooLarge"]
+
+log = logging.getLogger("batchrun")
 
 
 class PermitTooLarge(Exception):
@@ -118,6 +121,10 @@ class PermitPool:
                 self._sent.append((now, cost))
                 return now - t0
             self.slots_dropped += 1  # too late for the slot, or paused: ask again
+            if self.slots_dropped in (100, 10_000):
+                log.warning("%d send slots dropped unused: the limiter's round trip or this "
+                            "event loop is slower than a slot (%.0f ms)", self.slots_dropped,
+                            self._validity * 1e3)
             if usd is not None:
                 self.settle(usd, 0.0)  # that slot's reservation is returned
 

@@ -64,19 +64,22 @@ def _footer_hash(path: str) -> tuple[int, str]:
     return meta.num_rows, digest.hexdigest()
 
 
-def fingerprint(spec: JobSpec, files: list[str]) -> Fingerprint:
+def fingerprint(spec: JobSpec, files: list[str],
+                schema: dict[str, Any] | None = None) -> Fingerprint:
     inputs = []
     for f in files:
         rows, sha = _footer_hash(f)
         inputs.append(InputFile(name=f, size=os.path.getsize(f), rows=rows, footer_sha256=sha))
     fields = spec.model_dump(include=set(_REQUEST_FIELDS), mode="json")
+    if schema is not None:  # the resolved schema: an edited schema file or model counts
+        fields["resolved_schema"] = schema
     sha = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return Fingerprint(job=spec.name, inputs=inputs, request_sha256=sha, request_fields=fields)
 
 
 def _difference(old: Fingerprint, new: Fingerprint) -> str | None:
     if old.request_sha256 != new.request_sha256:
-        changed = [k for k in _REQUEST_FIELDS
+        changed = [k for k in (*_REQUEST_FIELDS, "resolved_schema")
                    if old.request_fields.get(k) != new.request_fields.get(k)]
         return f"request fields changed ({', '.join(changed)})"
     if [i.name for i in old.inputs] != [i.name for i in new.inputs]:
@@ -87,10 +90,11 @@ def _difference(old: Fingerprint, new: Fingerprint) -> str | None:
     return None
 
 
-def check_fingerprint(spec: JobSpec, files: list[str], *, force: bool) -> Fingerprint:
+def check_fingerprint(spec: JobSpec, files: list[str], *, force: bool,
+                      schema: dict[str, Any] | None = None) -> Fingerprint:
     """Record the fingerprint, or refuse a resume whose inputs or request fields differ."""
     path = Path(spec.output) / "job.json"
-    new = fingerprint(spec, files)
+    new = fingerprint(spec, files, schema)
     if path.exists() and not force:
         try:
             old = Fingerprint.model_validate_json(path.read_text())

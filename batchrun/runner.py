@@ -241,7 +241,8 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     extra += structured.result_fields() if structured else []
     store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra))
     store.check_writable()
-    check_fingerprint(spec, files, force=opts.force)
+    check_fingerprint(spec, files, force=opts.force,
+                      schema=structured.schema if structured else None)
     return _Job(spec, shards, sum(s.num_rows for s in shards), store, structured)
 
 

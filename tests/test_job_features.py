@@ -230,3 +230,15 @@ def test_batch_mode_budget_reserves_chunks_at_the_batch_price(tmp_path: Path) ->
     spec = write_spec(tmp_path, budget={"max_cost_usd": 50.0}, **common)
     second = run_job(str(spec), QUIET)
     assert second.ok == 90 and not second.budget_exhausted and second.cost_usd <= 50.0
+
+
+def test_batch_mode_draws_chunks_from_the_daily_ledger(tmp_path: Path) -> None:
+    make_prompts(tmp_path / "in.parquet", 90, row_group=30)
+    price = {"input_per_1m": 2000.0, "output_per_1m": 2000.0,
+             "batch_input_per_1m": 1000.0, "batch_output_per_1m": 1000.0}
+    spec = write_spec(tmp_path, mode="batch", shard_rows=30, limits=FAST, price=price,
+                      batch={"max_requests_per_file": 30, "poll_interval_s": 0.5},
+                      simulate={"batch_delay_s": 0.2},
+                      budget={"daily_usd": 4.0, "ledger_dir": str(tmp_path / "ledger")})
+    summary = run_job(str(spec), QUIET)
+    assert summary.budget_exhausted and 0 < summary.rows < 90 and summary.cost_usd <= 4.0

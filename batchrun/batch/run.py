@@ -39,6 +39,7 @@ from batchrun.batch.state import (
     spec_fingerprint,
     to_ranges,
 )
+from batchrun.budget import DailyLedger
 from batchrun.engine import backoff_s
 from batchrun.errors import RetryableError
 from batchrun.pricing import ModelPrice, price_for, worst_case_usd
@@ -86,7 +87,10 @@ class _Driver:
         self.rng = random.Random()
         committed = store.spent_usd() + sum(
             c.worst_usd for c in self.state.chunks if c.step in ("created", "completed"))
-        self.gate = ChunkBudget(spec.budget.max_cost_usd, committed)
+        b = spec.budget
+        ledger = (DailyLedger(b.ledger_dir, b.timezone, b.daily_usd)
+                  if b.daily_usd is not None and b.ledger_dir else None)
+        self.gate = ChunkBudget(b.max_cost_usd, committed, ledger, f"{spec.name}:batch")
 
     def save(self) -> None:
         self.sf.save(self.state)

@@ -295,8 +295,10 @@ def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
         # the batches failed to answer.
         if spec.mode == "online" or (fallback and not pending and not exhausted):
             ray_s, exhausted = _run_online(job, spec, key, opts)
+        # Ray's start-up is reported on its own, not in the job's wall time and rates
+        wall = time.monotonic() - t0 - (ray_s or 0.0)
         summary = summarize(job.store.result_files(), job=spec.name,
-                            wall_s=time.monotonic() - t0, run_started=started,
+                            wall_s=wall, run_started=started,
                             total_rows=job.total, ray_startup_s=ray_s,
                             budget_exhausted=exhausted, pending_batches=pending)
         save_summary(summary, Path(spec.output) / "summary.json")

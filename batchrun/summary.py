@@ -37,7 +37,8 @@ class Summary(BaseModel):
     errors_by_type: dict[str, int] = Field(description="Error rows by error_type.")
     unsent: int = Field(0, description="Input rows left unsent (budget exhausted, stopped).")
     success_rate: float = Field(description="ok / rows.")
-    wall_s: float = Field(description="Wall time of this run, first dispatch to last write.")
+    wall_s: float = Field(description="Wall time of this run without Ray's start-up: actor "
+                          "start, dispatch, writes.")
     rows_this_run: int = Field(description="Rows finished during this run.")
     requests_this_run: int = Field(description="HTTP attempts made during this run.")
     rows_per_s: float = Field(description="rows_this_run / wall_s.")

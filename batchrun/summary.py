@@ -12,6 +12,8 @@ default, Hyndman-Fan type 7), not ``sorted[int(n * q)]``.
 from __future__ import annotations
 
 import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -67,61 +69,73 @@ def percentile(values: pa.Array, qs: list[float]) -> list[float | None]:
     return [float(x) for x in pc.quantile(values, q=qs, interpolation="linear").to_pylist()]
 
 
-def _read(files: list[Path]) -> pa.Table:
-    tables = [pq.read_table(f, columns=_COLS) for f in files]
-    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in _COLS})
-
-
 def _sum(col: pa.ChunkedArray | pa.Array) -> float:
     return float(pc.sum(col).as_py() or 0) if len(col) else 0.0
 
 
-def _by_model(t: pa.Table) -> dict[str, dict[str, float]]:
-    if t.num_rows == 0:
-        return {}
-    g = t.group_by("model").aggregate([("status", "count"), ("prompt_tokens", "sum"),
-                                       ("completion_tokens", "sum"), ("cost_usd", "sum")])
-    return {row["model"]: {"rows": row["status_count"],
-                           "input_tokens": row["prompt_tokens_sum"] or 0,
-                           "output_tokens": row["completion_tokens_sum"] or 0,
-                           "cost_usd": row["cost_usd_sum"] or 0.0}
-            for row in g.to_pylist()}
+@dataclass
+class _Tally:
+    """Sums over the results files, one file at a time: a 10M-row job's summary holds
+    one column (ok latencies, for the percentiles) in memory, not the whole results."""
+
+    rows: int = 0
+    ok: int = 0
+    by_type: Counter[str] = field(default_factory=Counter)
+    latencies: list[pa.Array] = field(default_factory=list)
+    sums: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    by_model: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def add(self, t: pa.Table, since: datetime) -> None:
+        ok_mask = pc.equal(t["status"], "ok")
+        self.rows += t.num_rows
+        self.ok += int(pc.sum(ok_mask).as_py() or 0)
+        self.by_type.update(e or "unknown" for e in
+                            t.filter(pc.invert(ok_mask))["error_type"].to_pylist())
+        self.latencies.append(t.filter(ok_mask)["latency_ms"].combine_chunks())
+        this = t.filter(pc.greater_equal(t["finished_at"],
+                                         pa.scalar(since, t["finished_at"].type)))
+        for key, table, col in (("attempts", t, "attempts"), ("wait_ms", t, "wait_ms"),
+                                ("prompt_tokens", t, "prompt_tokens"),
+                                ("completion_tokens", t, "completion_tokens"),
+                                ("total_tokens", t, "total_tokens"), ("cost_usd", t, "cost_usd"),
+                                ("this_attempts", this, "attempts"),
+                                ("this_tokens", this, "total_tokens")):
+            self.sums[key] += _sum(table[col])
+        self.sums["this_rows"] += this.num_rows
+        self.sums["sent_rows"] += int(pc.sum(pc.greater(t["attempts"], 0)).as_py() or 0)
+        g = t.group_by("model").aggregate([("status", "count"), ("prompt_tokens", "sum"),
+                                           ("completion_tokens", "sum"), ("cost_usd", "sum")])
+        for row in g.to_pylist():
+            m = self.by_model.setdefault(row["model"], Counter())
+            m.update({"rows": row["status_count"], "input_tokens": row["prompt_tokens_sum"] or 0,
+                      "output_tokens": row["completion_tokens_sum"] or 0,
+                      "cost_usd": row["cost_usd_sum"] or 0.0})
 
 
 def summarize(files: list[Path], *, job: str, wall_s: float, run_started: datetime,
               total_rows: int, ray_startup_s: float | None = None,
               budget_exhausted: bool = False, pending_batches: int = 0) -> Summary:
-    t = _read(files)
-    status = t["status"]
-    ok_mask = pc.equal(status, "ok")
-    n, ok = t.num_rows, int(pc.sum(ok_mask).as_py() or 0)
-    errs = t.filter(pc.invert(ok_mask))["error_type"].to_pylist()
-    by_type: dict[str, int] = {}
-    for e in errs:
-        by_type[e or "unknown"] = by_type.get(e or "unknown", 0) + 1
-    lat = t.filter(ok_mask)["latency_ms"].combine_chunks() if n else pa.array([], pa.float64())
+    tally = _Tally()
+    for f in files:
+        tally.add(pq.read_table(f, columns=_COLS), run_started)
+    n, ok, s = tally.rows, tally.ok, tally.sums
+    lat = (pa.concat_arrays(tally.latencies) if tally.latencies
+           else pa.array([], pa.float64()))
     p50, p95, p99 = percentile(lat, [0.5, 0.95, 0.99])
-    if n:
-        since = pa.scalar(run_started, t["finished_at"].type)
-        this = t.filter(pc.greater_equal(t["finished_at"], since))
-    else:
-        this = t
     wall = max(wall_s, 1e-9)
-    attempts = _sum(t["attempts"])
     return Summary(
-        job=job, rows=n, ok=ok, errors=n - ok, errors_by_type=dict(sorted(by_type.items())),
+        job=job, rows=n, ok=ok, errors=n - ok, errors_by_type=dict(sorted(tally.by_type.items())),
         unsent=max(0, total_rows - n), success_rate=ok / n if n else 0.0, wall_s=wall_s,
-        rows_this_run=this.num_rows, requests_this_run=int(_sum(this["attempts"])),
-        rows_per_s=this.num_rows / wall, requests_per_s=_sum(this["attempts"]) / wall,
-        tokens_per_s=_sum(this["total_tokens"]) / wall,
+        rows_this_run=int(s["this_rows"]), requests_this_run=int(s["this_attempts"]),
+        rows_per_s=s["this_rows"] / wall, requests_per_s=s["this_attempts"] / wall,
+        tokens_per_s=s["this_tokens"] / wall,
         latency_ms={"p50": p50, "p95": p95, "p99": p99,
                     "mean": float(pc.mean(lat).as_py()) if len(lat) else None},
-        retries=int(attempts - pc.sum(pc.greater(t["attempts"], 0)).as_py()) if n else 0,
-        limiter_wait_s=_sum(t["wait_ms"]) / 1e3,
-        prompt_tokens=int(_sum(t["prompt_tokens"])),
-        completion_tokens=int(_sum(t["completion_tokens"])),
-        total_tokens=int(_sum(t["total_tokens"])), cost_usd=_sum(t["cost_usd"]),
-        by_model=_by_model(t),
+        retries=int(s["attempts"] - s["sent_rows"]),
+        limiter_wait_s=s["wait_ms"] / 1e3,
+        prompt_tokens=int(s["prompt_tokens"]), completion_tokens=int(s["completion_tokens"]),
+        total_tokens=int(s["total_tokens"]), cost_usd=s["cost_usd"],
+        by_model={m: dict(c) for m, c in tally.by_model.items()},
         ray_startup_s=ray_startup_s, budget_exhausted=budget_exhausted,
         pending_batches=pending_batches,
     )

@@ -295,6 +295,8 @@ def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
         # the batches failed to answer.
         if spec.mode == "online" or (fallback and not pending and not exhausted):
             ray_s, exhausted = _run_online(job, spec, key, opts)
+        with contextlib.suppress(OSError):  # every shard final: no checkpoints are left
+            (Path(spec.output) / "parts").rmdir()
         # Ray's start-up is reported on its own, not in the job's wall time and rates
         wall = time.monotonic() - t0 - (ray_s or 0.0)
         summary = summarize(job.store.result_files(), job=spec.name,

@@ -28,6 +28,7 @@ from batchrun.errors import BudgetExhausted
 __all__ = ["LeaseAnswer", "PermitPool", "PermitTooLarge"]
 
 log = logging.getLogger("batchrun")
+_SENT_KEEP_S = 61.0  # the longest window (60 s) and a margin: what a limiter restart needs
 
 
 class PermitTooLarge(Exception):
@@ -74,7 +75,7 @@ class PermitPool:
         """Hold this worker's own sends too, without waiting for the next lease."""
         self._local_pause = max(self._local_pause, self._clock() + seconds)
 
-    def recent_sends(self, window: float = 61.0) -> list[tuple[float, float]]:
+    def recent_sends(self, window: float = _SENT_KEEP_S) -> list[tuple[float, float]]:
         """(age in seconds, cost) of this pool's sends in the last ``window``, and of the
         slots it holds but has not used yet (negative ages: the latest they may go out):
         what a restarted limiter needs to rebuild its log. Ages, not times: clocks differ."""
@@ -119,6 +120,8 @@ class PermitPool:
                 del self._held[held]
             if now <= latest and now >= self._local_pause:
                 self._sent.append((now, cost))
+                while self._sent[0][0] < now - _SENT_KEEP_S:  # keep one window, not the job
+                    self._sent.popleft()
                 return now - t0
             self.slots_dropped += 1  # too late for the slot, or paused: ask again
             if self.slots_dropped in (100, 10_000):

@@ -119,3 +119,23 @@ def test_restore_from_recent_sends_keeps_the_window_full() -> None:
     assert s.grant([1]).starts == []  # the 10-second window (limit 10) is full
     clock.t += 5.2  # the oldest restored send leaves the window
     assert len(s.grant([1]).starts) == 1
+
+
+def test_permit_pool_keeps_one_window_of_sends_not_the_whole_job() -> None:
+    import asyncio
+
+    from batchrun.permits import LeaseAnswer, PermitPool
+
+    clock = Clock()
+
+    async def lease(costs, usd, settle):
+        return LeaseAnswer(clock.t, [clock.t] * len(costs), None, 0.0)
+
+    async def main() -> int:
+        pool = PermitPool(lease, validity=0.05, clock=clock)
+        for _ in range(300):
+            await pool.acquire(1.0)
+            clock.t += 1.0  # one send a second for five minutes
+        return len(pool._sent)  # what it holds between restarts, not what it reports
+
+    assert asyncio.run(main()) <= 62

@@ -1,6 +1,6 @@
 """Benchmark 3: a latency-bound job reaches concurrency / latency.
 
-    python bench/bench_latency.py [--rows 8000] [--latency-ms 500] [--concurrency 200]
+    python -m bench.bench_latency [--rows 8000] [--latency-ms 500] [--concurrency 200]
 
 The simulated provider answers every request after ``latency_ms`` with no limit, so the
 ideal rate is concurrency / latency (200 / 0.5 s = 400 rows/s). batchrun runs as

@@ -1,8 +1,8 @@
 """Benchmark 4: memory of a streamed 1M / 10M-row job, as PSS sampled every second.
 
-    python bench/bench_memory.py --rows 1000000
-    python bench/bench_memory.py --rows 10000000 --stop-after-rows 3000000
-    python bench/bench_memory.py --idle-only           # Ray's idle baseline alone
+    python -m bench.bench_memory --rows 1000000
+    python -m bench.bench_memory --rows 10000000 --stop-after-rows 3000000
+    python -m bench.bench_memory --idle-only           # Ray's idle baseline alone
 
 First Ray's idle baseline (``ray.init(num_cpus=2, include_dashboard=False)`` in a child,
 sampled for a few seconds), then the job: ``batchrun run SPEC --no-dashboard`` as a
@@ -17,6 +17,7 @@ job + Ray. With ``--stop-after-rows`` the job gets SIGINT once that many rows ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import psutil
 import pyarrow.parquet as pq
 import yaml
 
-from bench.common import cli_cmd, emit, mib, pss, provider, sample_tree, write_spec
+from bench.common import cli_cmd, emit, mib, provider, pss, sample_tree, write_spec
 
 KEYS = ("driver", "actor", "ray", "job", "all")
 IDLE = ("import ray, sys; ray.init(num_cpus=2, include_dashboard=False); "
@@ -46,17 +47,15 @@ def idle_baseline(seconds: float = 6.0) -> dict[str, float]:
     p.stdin.close()
     p.wait(60)
     return {"driver_mib": mib(s["driver"]), "ray_mib": mib(s["ray"]),
-            "all_mib": mib(s["all"]), "processes": len(s["by_name"])}
+            "all_mib": mib(s["all"]), "process_names": sorted(s["by_name"])}
 
 
 def rows_on_disk(out: Path) -> int:
     files = list(out.glob("results/shard-*.parquet")) + list(out.glob("parts/*/part-*.parquet"))
     n = 0
     for f in files:
-        try:
+        with contextlib.suppress(OSError, ValueError):  # replaced between glob and read
             n += pq.read_metadata(f).num_rows
-        except (OSError, ValueError):
-            pass  # replaced or removed between the glob and the read
     return n
 
 
@@ -82,15 +81,17 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
                 peak_by_name[name] = max(peak_by_name.get(name, 0), m)
             prov_peak = max(prov_peak, pss(prov))
             now = time.monotonic()
-            if args.stop_after_rows and not stopped and now - last_check >= 5:
+            if not stopped and now - last_check >= 5:
                 last_check, done = now, rows_on_disk(out)
-                if done >= args.stop_after_rows:
+                if args.stop_after_rows and done >= args.stop_after_rows:
                     job.send_signal(signal.SIGINT)  # the runner removes its actors
                     stopped = True
                     print(f"stopping at {done:,} rows after {now - t0:.0f} s", flush=True)
             if samples % 30 == 0:
-                print(f"{now - t0:5.0f} s  job {mib(s['job']):7.1f} MiB  all "
-                      f"{mib(s['all']):7.1f} MiB", flush=True)
+                top = {k: mib(v) for k, v in s["by_name"].items() if v > 40 * 2**20}
+                print(f"{now - t0:5.0f} s  rows {done:,}  job {mib(s['job']):.0f} MiB  all "
+                      f"{mib(s['all']):.0f} MiB  driver {mib(s['driver']):.0f}  {top}",
+                      flush=True)
             time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
         wall = time.monotonic() - t0
         job.wait()

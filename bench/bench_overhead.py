@@ -1,6 +1,6 @@
 """Benchmark 1: batchrun's overhead against a bare aiohttp loop, same server, same run.
 
-    python bench/bench_overhead.py [--rows 100000] [--concurrency 128] [--workers 2]
+    python -m bench.bench_overhead [--rows 100000] [--concurrency 128] [--workers 2]
 
 A no-latency, no-limit simulated provider in its own process. Order: bare loop, batchrun
 (in this process via ``run_job``, local Ray without dashboard), bare loop again. The
@@ -12,16 +12,69 @@ read just before the job's actors are removed (a wrapper around ``_stop_actors``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import threading
 import time
 from typing import Any
 
+import psutil
 import ray
 
 import batchrun.runner as runner
-from batchrun.limiter import limiter_name
 from bench.common import bare_loop, bodies, emit, machine, provider, results, write_spec
 
 LIMITER: dict[str, Any] = {}
+
+
+class CpuMeter:
+    """CPU seconds (user + system) by process kind, of this process's descendants and of
+    the provider, sampled every 0.5 s so that processes which exit still count."""
+
+    def __init__(self, provider_pid: int) -> None:
+        self.me, self.provider = psutil.Process(), provider_pid
+        self.last: dict[int, tuple[str, float]] = {}
+        self.stop = threading.Event()
+
+    def _kind(self, p: psutil.Process) -> str:
+        if p.pid == self.provider:
+            return "provider"
+        cmd = " ".join(p.cmdline())
+        return ("worker" if "ray::Worker" in cmd else "limiter" if "ray::RateLimiter" in cmd
+                else "ray")
+
+    def sample(self) -> None:
+        for p in self.me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                kind = self.last.get(p.pid, ("ray", 0.0))[0]
+                kind = kind if kind != "ray" else self._kind(p)  # an idle worker turns actor
+                t = p.cpu_times()
+                self.last[p.pid] = (kind, t.user + t.system)
+        t = self.me.cpu_times()
+        self.last[self.me.pid] = ("driver", t.user + t.system)
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, secs in self.last.values():
+            out[kind] = round(out.get(kind, 0.0) + secs, 2)
+        return out
+
+    def __enter__(self) -> CpuMeter:
+        self.sample()
+        self.start = self.totals()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.5):
+            self.sample()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+        end = self.totals()
+        self.used = {k: round(v - self.start.get(k, 0.0), 2) for k, v in end.items()}
 
 
 def _capture_limiter_stats() -> None:
@@ -46,7 +99,8 @@ def main() -> None:
     print(machine())
     payloads = bodies(args.rows)
     with provider() as srv:
-        before = bare_loop(srv.base_url, payloads, args.concurrency)
+        with CpuMeter(srv.pid) as bare_cpu:
+            before = bare_loop(srv.base_url, payloads, args.concurrency)
         print(f"bare loop (before): {before['rows_per_s']:,.0f} rows/s")
         srv.reset()
         spec = write_spec("overhead", args.rows, srv.base_url, workers=args.workers,
@@ -54,8 +108,9 @@ def main() -> None:
                           limits={"rpm": 100_000_000, "max_concurrency": args.concurrency})
         _capture_limiter_stats()
         t0 = time.monotonic()
-        summary = runner.run_job(str(spec), runner.RunOptions(progress=False,
-                                                              include_dashboard=False))
+        with CpuMeter(srv.pid) as cpu:
+            summary = runner.run_job(str(spec), runner.RunOptions(progress=False,
+                                                                  include_dashboard=False))
         e2e = time.monotonic() - t0
         ledger = srv.stats()
         res = results(spec)
@@ -79,6 +134,7 @@ def main() -> None:
         "bare_ok": [before["ok"], after["ok"]],
         "share_of_bare": round(steady / bare, 3), "target_share": 0.5,
         "met": steady / bare >= 0.5, "ledger_requests": ledger["total_requests"],
+        "cpu_s_bare_loop_before": bare_cpu.used, "cpu_s_batchrun": cpu.used,
         "limiter_leases": LIMITER.get("leases"), "limiter_granted": LIMITER.get("granted"),
         "leases_per_request": (round(LIMITER["leases"] / LIMITER["granted"], 4)
                                if LIMITER.get("granted") else None),

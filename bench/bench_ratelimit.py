@@ -1,6 +1,6 @@
 """Benchmark 2: rate-limit adherence against a strict provider.
 
-    python bench/bench_ratelimit.py [--rows 6000] [--rpm 3000] [--latency-ms 100]
+    python -m bench.bench_ratelimit [--rows 6000] [--rpm 3000] [--latency-ms 100]
 
 The simulated provider enforces ``rpm`` per 60 s and rpm/6 per 10 s (strict) and answers
 each accepted request after ``latency_ms``; the job has ``limits.rpm`` equal to it and runs

@@ -9,6 +9,7 @@ not comparable.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -147,10 +148,6 @@ def bare_loop(base_url: str, payloads: list[bytes], concurrency: int) -> dict[st
 
 # -- memory -----------------------------------------------------------------------------
 
-RAY_DAEMONS = ("gcs_server", "raylet", "log_monitor", "dashboard", "monitor.py",
-               "runtime_env", "ray_client_server", "agent")
-
-
 def classify(proc: psutil.Process) -> str:
     """'actor' for the job's actors, 'ray' for Ray's own processes (daemons, idle workers)."""
     cmd = " ".join(proc.cmdline())
@@ -205,8 +202,21 @@ def machine() -> dict[str, Any]:
             "aiohttp": aiohttp.__version__}
 
 
+def code_version() -> str:
+    """HEAD, plus a hash of uncommitted changes under batchrun/ (the tree is shared)."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    diff = subprocess.run([*git, "diff", "HEAD", "--", "batchrun"], capture_output=True).stdout
+    return head + (f"+dirty:{hashlib.sha1(diff).hexdigest()[:8]}" if diff else "")
+
+
+CODE = code_version()  # at start: workers import batchrun when the job starts
+
+
 def emit(bench: str, figures: dict[str, Any]) -> None:
     """Print the figures, one per line, then one JSON line (``BENCH_JSON {...}``)."""
+    figures = {**figures, "code_at_start": CODE, "load_avg_1m": os.getloadavg()[0]}
     for k, v in figures.items():
         print(f"  {k}: {v}")
     print("BENCH_JSON " + json.dumps({"bench": bench, **figures}, default=str), flush=True)

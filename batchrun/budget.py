@@ -198,34 +198,29 @@ class DailyLedger:
             self._write(day, doc)
 
     def release_all(self, job_id: str) -> float:
-        """Return every unused reservation of ``job_id`` (job end, or crash recovery by
-        a new process: all day files are scanned). Returns the USD released."""
-        released = 0
-        with self._locked():
-            for path in sorted(self.folder.glob("????-??-??.json")):
-                doc = self._read(path.stem)
-                job = doc["jobs"].get(job_id)
-                if job and job["reserved_nusd"]:
-                    released += job["reserved_nusd"]
-                    job["reserved_nusd"] = 0
-                    self._write(path.stem, doc)
+        """Return every unused reservation of ``job_id`` (job end). Returns the USD released."""
+        released = self._clear_reserved(job_id, to_spent=False)
         self._open_days.pop(job_id, None)
-        return released / _NANO
+        return released
 
     def charge_stale(self, job_id: str) -> float:
         """A crashed run of ``job_id`` left reservations: count them as spent, since the
         requests they covered may have been billed. Called when the job starts again."""
-        charged = 0
+        return self._clear_reserved(job_id, to_spent=True)
+
+    def _clear_reserved(self, job_id: str, *, to_spent: bool) -> float:
+        cleared = 0
         with self._locked():
-            for path in sorted(self.folder.glob("????-??-??.json")):
-                doc = self._read(path.stem)
+            for path in sorted(self.folder.glob("????-??-??.json")):  # every day: a crash
+                doc = self._read(path.stem)                            # may be days old
                 job = doc["jobs"].get(job_id)
                 if job and job["reserved_nusd"]:
-                    charged += job["reserved_nusd"]
-                    job["spent_nusd"] += job["reserved_nusd"]
+                    cleared += job["reserved_nusd"]
+                    if to_spent:
+                        job["spent_nusd"] += job["reserved_nusd"]
                     job["reserved_nusd"] = 0
                     self._write(path.stem, doc)
-        return charged / _NANO
+        return cleared / _NANO
 
     def totals(self, day: str | None = None) -> dict[str, float]:
         """``{"spent", "reserved", "remaining"}`` of a day (default today), USD."""

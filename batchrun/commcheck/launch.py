@@ -140,6 +140,11 @@ def _bundle_order(pg: Any, plan: Plan) -> list[int]:
     refs = [where.options(**_resource_opts(plan), scheduling_strategy=(
         PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))).remote()
         for i in range(plan.world)]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=plan.timeout_s)
+    if len(ready) < len(refs):
+        late = [i for i, r in enumerate(refs) if r not in ready]
+        raise CommCheckError(f"bundles {late} did not start a task within {plan.timeout_s:g}s "
+                             "(workers still starting, or the nodes are unreachable)")
     found = ray.get(refs, timeout=plan.timeout_s)
 
     def key(i: int) -> tuple[str, str, list[int]]:

@@ -113,9 +113,11 @@ class Dispatcher:
                 continue
             rows = await asyncio.to_thread(self._store.finalize, plan.shard.name)
             if rows >= plan.shard.num_rows:
+                plan.skip = set()  # only a rerun of this shard needs them: free them now
                 return
             if await asyncio.wait_for(self._limiter.exhausted.remote(), STALL_S):
                 self.budget_exhausted = True  # the rest stays unsent, for a later run
+                plan.skip = set()
                 return
             log.warning("%s has %d of %d rows; running it again for the rest",
                         plan.shard.name, rows, plan.shard.num_rows)

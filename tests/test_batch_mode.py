@@ -132,6 +132,12 @@ def test_stop_cancels_and_rerun_resends(tmp_path: Path) -> None:
 
 
 class _NotFound(BaseHTTPRequestHandler):
+    posts = 0  # uploads attempted: none should be, the GET probe finds the 404 first
+
+    def do_POST(self) -> None:
+        _NotFound.posts += 1
+        self._answer()
+
     def _answer(self) -> None:
         body = b'{"error": {"message": "Not Found"}}'
         self.send_response(404)
@@ -140,7 +146,7 @@ class _NotFound(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_POST = _answer
+    do_GET = _answer
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -163,6 +169,7 @@ def test_endpoint_without_batch_api(tmp_path: Path, no_batch_api: str) -> None:
     assert "fallback: online" in msg and KEY not in msg
     chunks = sorted((Path(spec.output) / "batch").glob("chunk-*.jsonl"))
     assert len(chunks) == 3 and _results(spec) == []  # nothing lost: rerun can go on
+    assert _NotFound.posts == 0  # found by the probe, before uploading anything
     spec2 = _spec(tmp_path / "fb", no_batch_api, fallback="online")
     assert run_batch_job(spec2, wait=True).fallback_rows == 90
 

@@ -98,6 +98,12 @@ class BatchProvider:
                                  error_type="malformed_body")
         return doc
 
+    async def probe(self) -> None:
+        """GET /v1/batches?limit=1: finds an endpoint without a Batch API by a cheap 404
+        before any upload (a server may answer a large POST's 404 by dropping the
+        connection mid-body, which looks like a network fault, not a missing API)."""
+        await self._json("GET", "/v1/batches", params={"limit": 1})
+
     async def upload(self, path: Path) -> dict[str, Any]:
         """POST /v1/files (multipart, purpose=batch), streaming the file from disk."""
         with open(path, "rb") as f:

@@ -323,6 +323,8 @@ async def _run(d: _Driver, wait: bool, retry_errors: bool) -> BatchOutcome:
     d.plan()
     if retry_errors:
         d.requeue_errors()
+    if any(c.step == "written" for c in d.active_chunks()):
+        await d._retrying(d.p.probe)
     await d.recover_unrecorded()
     await d.submit_all()
     if wait:

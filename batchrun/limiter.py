@@ -95,8 +95,13 @@ class RateLimiter:
         self._sched.restore([(now - age, cost) for sends in answers for age, cost in sends])
 
     def lease(self, costs: list[float], usd: list[float] | None = None,
-              settle: list[tuple[float, float]] | None = None) -> LeaseAnswer:
-        """Send slots for a prefix of ``costs``; with ``usd``, each one's worst case reserved."""
+              settle: list[tuple[float, float]] | None = None,
+              spare: tuple[int, float] = (0, 0.0)) -> LeaseAnswer:
+        """Send slots for a prefix of ``costs``; with ``usd``, each one's worst case reserved.
+
+        ``spare`` = (n, cost): also up to n slots for requests not asked for yet
+        (see ``SlotScheduler.spare``); never with a budget, which must reserve first.
+        """
         self._leases += 1
         sp = self._spending
         if sp is not None:
@@ -112,7 +117,11 @@ class RateLimiter:
                     sp.release(usd[i])
             sp.flush()
         exhausted = sp is not None and sp.exhausted and len(g.starts) == n
-        return LeaseAnswer(g.now, g.starts, g.retry_at, g.paused_until, exhausted)
+        spares: list[float] = []
+        if spare[0] > 0 and usd is None and g.retry_at is None and len(g.starts) == n:
+            spares = self._sched.spare(spare[1], spare[0])
+        return LeaseAnswer(g.now, g.starts, g.retry_at, g.paused_until, exhausted,
+                           spares, spare[1])
 
     def exhausted(self) -> bool:
         return self._spending is not None and self._spending.exhausted

@@ -12,6 +12,12 @@ between nodes cannot break the limit:
 
 A waiter that wakes too late for its slot (a slow event loop, a long round
 trip) gives the slot up and queues again: a slot is never stretched.
+
+Each lease also asks for *spare* slots, about as many as requests arrive here in
+one slot's validity. Requests that come before the next lease (and those queued
+while it was in flight) take a spare instead of a round trip. The limiter grants
+spares only far from every limit, and counts them whether used or not, so the
+limit stays exact; near a binding limit there are none and every request leases.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batchrun.errors import BudgetExhausted
 
@@ -44,12 +50,18 @@ class LeaseAnswer:
     retry_at: float | None
     paused_until: float
     exhausted: bool = False  # the budget refused the first request left without a slot
+    spares: list[float] = field(default_factory=list)  # extra slots, for any request ...
+    spare_cost: float = 0.0  # ... that costs no more than this
 
 
-# lease(token costs, worst-case USD per request or None, settlements (reserved, actual))
-LeaseFn = Callable[[list[float], list[float] | None, list[tuple[float, float]]],
-                   Awaitable[LeaseAnswer]]
-_Waiter = tuple[float, float | None, "asyncio.Future[tuple[float, float]]"]
+# lease(token costs, worst-case USD per request or None, settlements (reserved, actual),
+#       spare slots wanted (how many, cost of each))
+LeaseFn = Callable[[list[float], list[float] | None, list[tuple[float, float]],
+                    tuple[int, float]], Awaitable[LeaseAnswer]]
+_Slot = tuple[float, float]  # (earliest, latest) local send time
+_Waiter = tuple[float, float | None, "asyncio.Future[_Slot]"]
+_RATE_EVERY_S = 0.2  # the arrival rate (which sizes the spares) is re-measured this often,
+# or after 16 arrivals if sooner
 
 
 class PermitPool:
@@ -65,11 +77,15 @@ class PermitPool:
         self._settle: list[tuple[float, float]] = []
         self._sent: deque[tuple[float, float]] = deque()  # (local time, cost) of recent sends
         self._held: dict[object, tuple[float, float]] = {}  # (latest send time, cost)
+        self._spares: deque[tuple[float, float, float]] = deque()  # (earliest, latest, cost)
+        self._arrivals, self._rate, self._rate_since = 0, 0.0, clock()
         self.exhausted = False
         self._leaser: asyncio.Task[None] | None = None
         self._local_pause = 0.0
         self.round_trips = 0
         self.slots_dropped = 0
+        self.spares_used = 0
+        self.spares_expired = 0
 
     def pause(self, seconds: float) -> None:
         """Hold this worker's own sends too, without waiting for the next lease."""
@@ -83,6 +99,7 @@ class PermitPool:
         while self._sent and self._sent[0][0] < now - window:
             self._sent.popleft()
         held = [(now - latest, c) for latest, c in self._held.values()]
+        held += [(now - latest, c) for _, latest, c in self._spares]
         return [(now - t, c) for t, c in self._sent] + held
 
     def settle(self, reserved: float, actual: float) -> None:
@@ -93,7 +110,7 @@ class PermitPool:
         """Send pending settlements now (at the end of a shard)."""
         if self._settle:
             pending, self._settle = self._settle, []
-            await self._lease([], [], pending)
+            await self._lease([], [], pending, (0, 0.0))
 
     async def acquire(self, cost: float, usd: float | None = None) -> float:
         """Wait for a send slot (and a budget reservation of ``usd``); returns seconds waited.
@@ -101,14 +118,18 @@ class PermitPool:
         Raises ``BudgetExhausted`` when the budget refuses the reservation.
         """
         t0 = self._clock()
+        self._arrivals += 1
         while True:
             if self.exhausted:
                 raise BudgetExhausted("the job's budget is exhausted")
-            fut: asyncio.Future[tuple[float, float]] = asyncio.get_running_loop().create_future()
-            self._waiting.append((cost, usd, fut))
-            if self._leaser is None or self._leaser.done():
-                self._leaser = asyncio.create_task(self._lease_loop())
-            earliest, latest = await fut
+            slot = self._take_spare(cost) if usd is None else None
+            if slot is None:
+                fut: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+                self._waiting.append((cost, usd, fut))
+                if self._leaser is None or self._leaser.done():
+                    self._leaser = asyncio.create_task(self._lease_loop())
+                slot = await fut
+            earliest, latest = slot
             held = object()
             self._held[held] = (latest, cost)  # granted, not yet used: a restart must know
             try:
@@ -131,6 +152,46 @@ class PermitPool:
             if usd is not None:
                 self.settle(usd, 0.0)  # that slot's reservation is returned
 
+    def _take_spare(self, cost: float) -> _Slot | None:
+        now = self._clock()
+        while self._spares and self._spares[0][1] < now:
+            self._spares.popleft()
+            self.spares_expired += 1
+        if self._spares and self._spares[0][2] >= cost:
+            earliest, latest, _ = self._spares.popleft()
+            self.spares_used += 1
+            return earliest, latest
+        return None
+
+    def _spares_wanted(self, batch: list[_Waiter]) -> tuple[int, float]:
+        """About the requests expected here within one slot's validity, less spares held."""
+        if batch[0][1] is not None:
+            return 0, 0.0  # a budget reserves per request: no spares
+        now = self._clock()
+        if now - self._rate_since >= _RATE_EVERY_S or (self._arrivals >= 16
+                                                       and now > self._rate_since):
+            self._rate = self._arrivals / (now - self._rate_since)
+            self._arrivals, self._rate_since = 0, now
+        n = min(self._max_batch, int(self._rate * self._validity)) - len(self._spares)
+        return max(0, n), max(w[0] for w in batch)
+
+    def _keep_spares(self, answer: LeaseAnswer, t_sent: float, t_recv: float) -> None:
+        """Map the spares to the local clock; the waiters queued meanwhile take them first."""
+        for start in answer.spares:
+            offset = start - answer.now
+            self._spares.append((t_recv + offset, t_sent + offset + self._validity,
+                                 answer.spare_cost))
+        while self._waiting and self._spares:
+            cost, usd, fut = self._waiting[0]
+            if fut.done():
+                self._waiting.popleft()
+                continue
+            slot = self._take_spare(cost) if usd is None else None
+            if slot is None:
+                return
+            self._waiting.popleft()
+            fut.set_result(slot)
+
     async def _lease_loop(self) -> None:
         while self._waiting:
             n = min(len(self._waiting), self._max_batch)
@@ -142,7 +203,8 @@ class PermitPool:
             pending, self._settle = self._settle, []
             try:
                 t_sent = self._clock()
-                answer = await self._lease([w[0] for w in batch], usd, pending)
+                answer = await self._lease([w[0] for w in batch], usd, pending,
+                                           self._spares_wanted(batch))
                 t_recv = self._clock()
             except BaseException as e:  # the limiter is unreachable: fail these waiters
                 for _, _, f in batch:
@@ -151,6 +213,7 @@ class PermitPool:
                 raise
             self.round_trips += 1
             self._hand_out(batch, answer, t_sent, t_recv)
+            self._keep_spares(answer, t_sent, t_recv)
             if answer.exhausted:
                 self._refuse_all()
                 return

@@ -14,9 +14,11 @@ never a task argument (the argument is a list holding the object's reference).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -30,7 +32,7 @@ from batchrun.limiter import SLOT_VALIDITY_S, limiter_name
 from batchrun.metrics import JobMetrics
 from batchrun.permits import LeaseAnswer, PermitPool
 from batchrun.pricing import price_for, worst_case_usd
-from batchrun.shards import Shard, iter_shard_rows
+from batchrun.shards import RequestRow, Shard, iter_shard_rows
 from batchrun.spec import JobSpec
 from batchrun.structured import Structured
 from batchrun.tokens import count_chat_tokens
@@ -39,7 +41,46 @@ __all__ = ["FLUSH_INTERVAL_S", "Worker", "worker_name"]
 
 FLUSH_INTERVAL_S = 2.0
 LEASE_TIMEOUT_S = 120.0  # covers a limiter restart (its recovery asks workers, 10 s at most)
-_DONE = object()
+
+
+class _Feed:
+    """One shard's rows in, its records out: what the lanes of ``run_shard`` share."""
+
+    def __init__(self, rows: Iterator[list[RequestRow]], skip: set[str], flush_rows: int,
+                 stop: Callable[[], bool]):
+        self._rows = rows
+        self._skip = skip
+        self._stop = stop  # the budget is spent: read no further
+        self._queue: deque[RequestRow] = deque()
+        self._eof = False
+        self._reading = asyncio.Lock()
+        self._flush_rows = flush_rows
+        self.recs: list[dict[str, Any]] = []
+        self.ready = asyncio.Event()
+
+    async def next_row(self) -> RequestRow | None:
+        while not self._queue:
+            if self._eof or self._stop():
+                return None
+            async with self._reading:  # one lane reads; the others wait for its batch
+                if self._queue or self._eof:
+                    continue
+                # Parquet reads block: do them off the event loop that serves requests
+                batch = await asyncio.to_thread(next, self._rows, None)
+                if batch is None:
+                    self._eof = True
+                else:
+                    self._queue.extend(r for r in batch if r.id not in self._skip)
+        return self._queue.popleft()
+
+    def put(self, rec: dict[str, Any]) -> None:
+        self.recs.append(rec)
+        if len(self.recs) >= self._flush_rows:
+            self.ready.set()
+
+    def take(self) -> list[dict[str, Any]]:
+        recs, self.recs = self.recs, []
+        return recs
 
 
 def worker_name(job: str, index: int) -> str:
@@ -99,10 +140,11 @@ class Worker:
                               margin=DEFAULT_MARGIN)
 
     async def _lease(self, costs: list[float], usd: list[float] | None,
-                     settle: list[tuple[float, float]]) -> LeaseAnswer:
+                     settle: list[tuple[float, float]], spare: tuple[int, float]
+                     ) -> LeaseAnswer:
         try:  # a limiter that never comes back must not hang the job silently
-            return await asyncio.wait_for(self._limiter.lease.remote(costs, usd, settle),
-                                          LEASE_TIMEOUT_S)
+            return await asyncio.wait_for(
+                self._limiter.lease.remote(costs, usd, settle, spare), LEASE_TIMEOUT_S)
         except TimeoutError:
             raise ClusterError(f"the rate limiter did not answer within {LEASE_TIMEOUT_S:.0f} s"
                                ) from None
@@ -111,33 +153,28 @@ class Worker:
         self._permits.pause(seconds)
         self._limiter.pause.remote(seconds)  # fire and forget: the others learn on next lease
 
-    async def _one(self, runner: RowRunner, row: Any, out: asyncio.Queue[Any]) -> None:
-        self._in_flight += 1
-        try:
-            rec = await runner.run(row)
-            if rec is not None:
-                out.put_nowait(rec)  # None: the budget refused it; the row stays unsent
-        finally:
-            self._in_flight -= 1
-            self._sem.release()
+    async def _lane(self, runner: RowRunner, feed: _Feed) -> None:
+        """One request at a time, row after row: ``concurrency`` lanes share the worker's
+        semaphore, so there is no task per row (a lane is cheaper than a task a row)."""
+        while (row := await feed.next_row()) is not None:
+            async with self._sem:
+                self._in_flight += 1
+                try:
+                    rec = await runner.run(row)
+                finally:
+                    self._in_flight -= 1
+            if rec is not None:  # None: the budget refused it; the row stays unsent
+                feed.put(rec)
 
-    async def _feed(self, shard: Shard, skip: set[str], out: asyncio.Queue[Any]) -> None:
+    async def _feed(self, feed: _Feed) -> None:
         runner = await self._setup()
-        rows = iter_shard_rows(self._spec, shard)
         try:
             async with asyncio.TaskGroup() as tg:
-                # Parquet reads block: do them off the event loop that serves requests
-                while (batch := await asyncio.to_thread(next, rows, None)) is not None:
-                    if self._permits.exhausted:
-                        break  # the budget is spent: read no further
-                    for row in batch:
-                        if row.id in skip:
-                            continue
-                        await self._sem.acquire()  # bounded: at most `concurrency` tasks
-                        tg.create_task(self._one(runner, row, out))
+                for _ in range(self._concurrency):
+                    tg.create_task(self._lane(runner, feed))
             await self._permits.flush()  # the shard's last settlements
         finally:
-            out.put_nowait(_DONE)
+            feed.ready.set()
 
     def _table(self, recs: list[dict[str, Any]]) -> pa.Table:
         self._done += len(recs)
@@ -149,32 +186,23 @@ class Worker:
 
     async def run_shard(self, shard: Shard, skip: set[str]) -> AsyncIterator[pa.Table]:
         """Yield tables of finished rows of ``shard``, leaving out the ids in ``skip``."""
-        out: asyncio.Queue[Any] = asyncio.Queue()
-        feeder = asyncio.create_task(self._feed(shard, skip, out))
-        loop = asyncio.get_running_loop()
-        buf: list[dict[str, Any]] = []
-        deadline = loop.time() + FLUSH_INTERVAL_S
+        feed = _Feed(iter_shard_rows(self._spec, shard), skip, self._spec.flush_rows,
+                     lambda: self._permits.exhausted)
+        task = asyncio.create_task(self._feed(feed))
         try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(out.get(), max(0.0, deadline - loop.time()))
-                except TimeoutError:
-                    item = None
-                if item is _DONE:
+            while not task.done():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FLUSH_INTERVAL_S):
+                        await feed.ready.wait()  # flush_rows done, or the shard's end
+                feed.ready.clear()
+                if task.done():
                     break
-                if item is not None:
-                    buf.append(item)
-                due = loop.time() >= deadline
-                if len(buf) >= self._spec.flush_rows or due:
-                    yield self._table(buf)  # empty when idle: the driver's heartbeat
-                    buf = []
-                if due:
-                    deadline = loop.time() + FLUSH_INTERVAL_S
-            await feeder  # re-raises a read error of the shard
-            if buf:
-                yield self._table(buf)
+                yield self._table(feed.take())  # empty when idle: the driver's heartbeat
+            await task  # re-raises a read error of the shard
+            if recs := feed.take():
+                yield self._table(recs)
         finally:
-            feeder.cancel()
+            task.cancel()
 
     def recent_sends(self) -> list[tuple[float, float]]:
         return self._permits.recent_sends() if self._runner is not None else []

@@ -3,7 +3,8 @@
     python -m bench.bench_overhead [--rows 100000] [--concurrency 128] [--workers 2]
 
 A no-latency, no-limit simulated provider in its own process. Order: bare loop, batchrun
-(in this process via ``run_job``, local Ray without dashboard), bare loop again. The
+(in this process via ``run_job``, local Ray without dashboard), bare loop again, and last
+a bare loop on uvloop (batchrun's workers run on uvloop: a second, stricter baseline). The
 batchrun rate is steady state: rows / (min(started_at) .. max(finished_at)) of the results;
 Ray start-up and end-to-end wall time are reported apart. The limiter's ``stats()`` is
 read just before the job's actors are removed (a wrapper around ``_stop_actors``).
@@ -118,6 +119,9 @@ def main() -> None:
         time.sleep(3)  # let Ray's shut-down processes exit first
         after = bare_loop(srv.base_url, payloads, args.concurrency)
         print(f"bare loop (after): {after['rows_per_s']:,.0f} rows/s")
+        srv.reset()
+        on_uv = bare_loop(srv.base_url, payloads, args.concurrency, uvloop=True)
+        print(f"bare loop on uvloop (last): {on_uv['rows_per_s']:,.0f} rows/s")
     steady = res["rows"] / res["span_s"]
     arrivals = ledger["last_arrival"] - ledger["first_arrival"]
     bare = (before["rows_per_s"] + after["rows_per_s"]) / 2
@@ -133,6 +137,8 @@ def main() -> None:
         "bare_after_rows_per_s": round(after["rows_per_s"], 1),
         "bare_ok": [before["ok"], after["ok"]],
         "share_of_bare": round(steady / bare, 3), "target_share": 0.5,
+        "bare_uvloop_rows_per_s": round(on_uv["rows_per_s"], 1),
+        "share_of_bare_uvloop": round(steady / on_uv["rows_per_s"], 3),
         "met": steady / bare >= 0.5, "ledger_requests": ledger["total_requests"],
         "cpu_s_bare_loop_before": bare_cpu.used, "cpu_s_batchrun": cpu.used,
         "limiter_leases": LIMITER.get("leases"), "limiter_granted": LIMITER.get("granted"),

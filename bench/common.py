@@ -140,9 +140,19 @@ async def _bare(url: str, payloads: list[bytes], concurrency: int) -> tuple[int,
         return ok, time.monotonic() - t0
 
 
-def bare_loop(base_url: str, payloads: list[bytes], concurrency: int) -> dict[str, float]:
-    """One process, one ClientSession, a semaphore: POST every body, count the 200s."""
-    ok, secs = asyncio.run(_bare(base_url + "/chat/completions", payloads, concurrency))
+def bare_loop(base_url: str, payloads: list[bytes], concurrency: int, *,
+              uvloop: bool = False) -> dict[str, float]:
+    """One process, one ClientSession, a semaphore: POST every body, count the 200s.
+
+    ``uvloop``: on uvloop's event loop, as batchrun's workers run (Ray picks uvloop for
+    async actors when it is installed), instead of asyncio's own.
+    """
+    main = _bare(base_url + "/chat/completions", payloads, concurrency)
+    if uvloop:
+        import uvloop as uv
+        ok, secs = uv.run(main)
+    else:
+        ok, secs = asyncio.run(main)
     return {"requests": len(payloads), "ok": ok, "seconds": secs, "rows_per_s": ok / secs}
 
 

@@ -24,9 +24,11 @@ def max_in_window(times: list[float], window: float) -> int:
 
 
 def simulate(
-    rpm: int, tpm: int | None, seconds: float, seed: int, costs: tuple[int, int] = (1, 1)
+    rpm: int, tpm: int | None, seconds: float, seed: int, costs: tuple[int, int] = (1, 1),
+    spares: int = 0,
 ) -> tuple[list[float], list[tuple[float, int]], SlotScheduler]:
-    """Workers lease at random moments and send at a random point inside each slot."""
+    """Workers lease at random moments and send at a random point inside each slot;
+    with ``spares``, each lease also takes spare slots, and most of them are used."""
     rng = random.Random(seed)
     clock = Clock()
     s = SlotScheduler(windows_for(rpm, tpm), clock, validity=0.1, margin=0.0, horizon=0.5)
@@ -41,6 +43,12 @@ def simulate(
             at = start + rng.uniform(0, 0.1)  # anywhere in [start, start + validity]
             sends.append(at)
             weighted.append((at, cost))
+        spare_cost = max(batch)
+        for start in s.spare(spare_cost, spares):
+            if rng.random() < 0.8:  # some spares go unused
+                at = start + rng.uniform(0, 0.1)
+                sends.append(at)
+                weighted.append((at, spare_cost))
         clock.t += rng.expovariate(20.0)
     return sends, weighted, s
 
@@ -50,6 +58,31 @@ def test_no_window_ever_exceeds_rpm_or_its_sixth(seed: int) -> None:
     sends, _, _ = simulate(rpm=600, tpm=None, seconds=180, seed=seed)
     assert max_in_window(sends, 60.0) <= 600
     assert max_in_window(sends, 10.0) <= 100
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_spare_slots_keep_every_window_exact(seed: int) -> None:
+    sends, weighted, _ = simulate(rpm=6000, tpm=60_000, seconds=150, seed=seed,
+                                  costs=(5, 40), spares=30)
+    assert max_in_window(sends, 60.0) <= 6000 and max_in_window(sends, 10.0) <= 1000
+    weighted.sort()
+    times = [t for t, _ in weighted]
+    for i, (t, _) in enumerate(weighted):
+        assert sum(c for _, c in weighted[i:bisect.bisect_left(times, t + 60.0)]) <= 60_000
+
+
+def test_spares_come_far_from_the_limit_and_stop_near_it() -> None:
+    clock = Clock()
+    far = SlotScheduler(windows_for(10_000_000, None), clock)
+    assert len(far.spare(1.0, 100)) == 100  # unlimited in practice: every spare asked
+    near = SlotScheduler(windows_for(3000, None), clock, validity=0.05, margin=0.12)
+    assert len(near.spare(1.0, 100)) == 1  # pacing: one slot per 20 ms at this rate
+    for _ in range(260):  # past half of the 10 s window (500)
+        near.grant([1.0])
+        clock.t += 0.02
+    assert near.spare(1.0, 100) == []
+    near.pause_until(clock.t + 1)
+    assert far.spare(1.0, 5) and not near.spare(1.0, 5)
 
 
 def test_steady_rate_reaches_98_percent_of_the_limit() -> None:
@@ -128,7 +161,7 @@ def test_permit_pool_keeps_one_window_of_sends_not_the_whole_job() -> None:
 
     clock = Clock()
 
-    async def lease(costs, usd, settle):
+    async def lease(costs, usd, settle, spare):
         return LeaseAnswer(clock.t, [clock.t] * len(costs), None, 0.0)
 
     async def main() -> int:
@@ -139,3 +172,33 @@ def test_permit_pool_keeps_one_window_of_sends_not_the_whole_job() -> None:
         return len(pool._sent)  # what it holds between restarts, not what it reports
 
     assert asyncio.run(main()) <= 62
+
+
+def test_permit_pool_serves_requests_from_spares_between_leases() -> None:
+    import asyncio
+
+    from batchrun.permits import LeaseAnswer, PermitPool
+
+    clock = Clock()
+    asked: list[tuple[int, float]] = []
+
+    async def lease(costs, usd, settle, spare):
+        asked.append(spare)
+        return LeaseAnswer(clock.t, [clock.t] * len(costs), None, 0.0,
+                           spares=[clock.t] * spare[0], spare_cost=spare[1])
+
+    async def main() -> PermitPool:
+        pool = PermitPool(lease, validity=0.05, clock=clock)
+        for _ in range(2000):  # 10,000 requests a second: 500 per slot validity
+            await pool.acquire(1.0)
+            clock.t += 0.0001
+        held = pool.recent_sends(window=0.0)  # spares held count as held slots
+        assert len(held) == len(pool._spares) > 0 and all(age < 0 for age, _ in held)
+        clock.t += 1.0
+        await pool.acquire(2.0)  # costlier than the spares: leases; expired ones dropped
+        return pool
+
+    pool = asyncio.run(main())
+    assert pool.spares_used >= 1900 and pool.round_trips <= 30
+    assert pool.spares_expired > 0 and asked[-1][1] == 2.0
+    assert all(n <= 256 for n, _ in asked)

@@ -142,8 +142,9 @@ def main() -> None:
         "met": steady / bare >= 0.5, "ledger_requests": ledger["total_requests"],
         "cpu_s_bare_loop_before": bare_cpu.used, "cpu_s_batchrun": cpu.used,
         "limiter_leases": LIMITER.get("leases"), "limiter_granted": LIMITER.get("granted"),
-        "leases_per_request": (round(LIMITER["leases"] / LIMITER["granted"], 4)
-                               if LIMITER.get("granted") else None),
+        # per request sent (the ledger), not per slot granted: spare slots may go unused
+        "leases_per_request": (round(LIMITER["leases"] / ledger["total_requests"], 4)
+                               if LIMITER.get("leases") else None),
     })
 
 

@@ -58,11 +58,16 @@ def submit_command(
     no_dashboard_url: bool = typer.Option(False, "--no-dashboard-url",
                                           help="Do not print the dashboard link."),
     python: str = typer.Option("python", "--python", help="Python on the cluster's head."),
+    retry_errors: bool = typer.Option(False, "--retry-errors",
+                                      help="Re-send the rows whose result is an error."),
+    force: bool = typer.Option(False, "--force",
+                               help="Resume although the inputs or request fields changed."),
 ) -> None:
     """Submit a job to a Ray cluster (the API key travels outside Ray's job records)."""
     from batchrun.submit import dashboard_address, submit_job, wait_for_job
 
-    sid, pkg, client = submit_job(spec, address=address, ds=ds, python=python)
+    sid, pkg, client = submit_job(spec, address=address, ds=ds, python=python,
+                                  retry_errors=retry_errors, force=force)
     for note in pkg.notes:
         err_console.print(note, highlight=False)
     out.print(sid)

@@ -14,7 +14,7 @@ What travels (a ``runtime_env`` uploaded by ``JobSubmissionClient``):
   which a batchrun cluster image has. ``pip: [batchrun]`` would also install them but
   needs a package index reachable from every node, which a local head here has not.
 
-The entrypoint is ``python -m batchrun.submit_entry job.yaml [--ds D]``.
+The entrypoint is ``python -m batchrun.submit_entry job.yaml [--ds D] [--retry-errors] [--force]``.
 
 The API key: route and threat model
 -----------------------------------
@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shlex
 import shutil
 import tempfile
 import time
@@ -67,6 +68,7 @@ __all__ = [
     "Package",
     "auth_headers",
     "dashboard_address",
+    "entrypoint",
     "job_client",
     "package_job",
     "submit_job",
@@ -188,18 +190,32 @@ def _submission_id(spec: JobSpec, ds: str | None) -> str:
     return f"batchrun-{spec.name}-{stamp}-{secrets.token_hex(3)}"
 
 
+def entrypoint(python: str, ds: str | None = None, *, retry_errors: bool = False,
+               force: bool = False) -> str:
+    """The command the cluster runs: ``submit_entry`` with the flags ``batchrun run`` takes."""
+    parts = [python, "-m", "batchrun.submit_entry", SPEC_FILE]
+    if ds:
+        parts += ["--ds", ds]
+    if retry_errors:
+        parts.append("--retry-errors")
+    if force:
+        parts.append("--force")
+    return shlex.join(parts)
+
+
 def submit_job(spec_path: str, *, address: str | None = None, ds: str | None = None,
-               python: str = "python") -> tuple[str, Package, Any]:
+               python: str = "python", retry_errors: bool = False, force: bool = False
+               ) -> tuple[str, Package, Any]:
     """Package and submit the job; returns (submission id, package, client)."""
     client = job_client(address)
     with tempfile.TemporaryDirectory(prefix="batchrun-submit-") as tmp:  # 0700
         pkg = package_job(spec_path, ds, Path(tmp))
-        args = f"{SPEC_FILE}" + (f" --ds {ds}" if ds else "")
         sid = _submission_id(pkg.spec, ds)
         metadata = {"batchrun_job": pkg.spec.name, "batchrun_spec": os.path.basename(spec_path),
                     "ds": ds or ""}
         try:
-            client.submit_job(entrypoint=f"{python} -m batchrun.submit_entry {args}",
+            client.submit_job(entrypoint=entrypoint(python, ds, retry_errors=retry_errors,
+                                                    force=force),
                               runtime_env=pkg.runtime_env, metadata=metadata,
                               submission_id=sid)
         except RuntimeError as e:

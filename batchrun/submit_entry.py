@@ -20,7 +20,7 @@ from batchrun.errors import BatchrunError
 from batchrun.spec import load_spec
 from batchrun.submit import KEY_FILE
 
-__all__ = ["load_key", "main"]
+__all__ = ["load_key", "main", "parser"]
 
 
 def load_key(spec_path: str) -> bool:
@@ -38,19 +38,25 @@ def load_key(spec_path: str) -> bool:
     return bool(key)
 
 
+def parser() -> argparse.ArgumentParser:
+    """The entrypoint's flags: those of ``batchrun run`` that make sense on a cluster."""
+    p = argparse.ArgumentParser(prog="batchrun.submit_entry")
+    p.add_argument("spec")
+    p.add_argument("--ds", default=None)
+    p.add_argument("--retry-errors", action="store_true")
+    p.add_argument("--force", action="store_true")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="batchrun.submit_entry")
-    parser.add_argument("spec")
-    parser.add_argument("--ds", default=None)
-    parser.add_argument("--retry-errors", action="store_true")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from batchrun.runner import RunOptions, run_job
 
     try:
         load_key(args.spec)
         summary = run_job(args.spec, RunOptions(ds=args.ds, retry_errors=args.retry_errors,
-                                                progress=False))
+                                                force=args.force, progress=False))
     except BatchrunError as e:
         print(f"batchrun: error: {e}", file=sys.stderr, flush=True)
         return int(getattr(e, "exit_code", 1))

@@ -120,7 +120,8 @@ class Worker:
         self._session = open_session(spec.endpoint, self._concurrency)
         self._permits = PermitPool(self._lease, validity=SLOT_VALIDITY_S)
         self._metrics = JobMetrics(spec.name)
-        price = price_for(spec)
+        price = self._price = price_for(spec)
+        self._counted: tuple[object, int] = (None, 0)
         client = ChatClient(self._session, spec.endpoint, await self._api_key())
         self._runner = RowRunner(
             spec, client, self._permits, pause_all=self._pause_all, price=price,
@@ -130,14 +131,19 @@ class Worker:
             extra_body=self._structured.request_fields() if self._structured else None)
         return self._runner
 
+    def _prompt_tokens(self, msgs: list[dict[str, Any]]) -> int:
+        # _tokens and _worst_usd ask for the same row one after the other: count it once
+        if msgs is not self._counted[0]:
+            self._counted = (msgs, count_chat_tokens(msgs, self._spec.model))
+        return self._counted[1]
+
     def _tokens(self, msgs: list[dict[str, Any]]) -> float:
         """What the TPM limit counts: the prompt estimate plus max_tokens."""
-        return count_chat_tokens(msgs, self._spec.model) + self._spec.generation.max_tokens
+        return self._prompt_tokens(msgs) + self._spec.generation.max_tokens
 
     def _worst_usd(self, msgs: list[dict[str, Any]]) -> float:
-        prompt = count_chat_tokens(msgs, self._spec.model)
-        return worst_case_usd(price_for(self._spec), prompt, self._spec.generation.max_tokens,
-                              margin=DEFAULT_MARGIN)
+        return worst_case_usd(self._price, self._prompt_tokens(msgs),
+                              self._spec.generation.max_tokens, margin=DEFAULT_MARGIN)
 
     async def _lease(self, costs: list[float], usd: list[float] | None,
                      settle: list[tuple[float, float]], spare: tuple[int, float]

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.mockserver import MockConfig, start_in_thread
-from batchrun.submit import auth_headers, job_client, submit_job, wait_for_job
+from batchrun.submit import auth_headers, entrypoint, job_client, submit_job, wait_for_job
+from batchrun.submit_entry import parser
 from tests.conftest import make_prompts, write_spec
 
 FAKE_KEY = "sk-batchrun-TEST-" + "7f3a9c" * 6  # distinctive: grep-able anywhere
@@ -228,3 +229,15 @@ def test_ops_status_list_stop_on_a_running_job(head: str, tmp_path: Path) -> Non
     assert wait_for_job(client, sid, follow=False, timeout_s=30) == "STOPPED"
     text = _ops("status", str(spec_path), "--address", gcs)
     assert "job sub-live: NOT RUNNING (no live actors)" in text, text
+
+
+def test_entrypoint_carries_run_flags_to_the_cluster() -> None:
+    import shlex
+
+    cmd = entrypoint("/opt/py 3/bin/python", "2026-11-24", retry_errors=True, force=True)
+    argv = shlex.split(cmd)
+    assert argv[:3] == ["/opt/py 3/bin/python", "-m", "batchrun.submit_entry"]
+    args = parser().parse_args(argv[3:])
+    assert (args.ds, args.retry_errors, args.force) == ("2026-11-24", True, True)
+    plain = parser().parse_args(shlex.split(entrypoint("python"))[3:])
+    assert (plain.ds, plain.retry_errors, plain.force) == (None, False, False)

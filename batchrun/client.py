@@ -107,8 +107,9 @@ class ChatClient:
             raise FatalRequestError(
                 f"response of {resp.content_length} bytes exceeds the "
                 f"{self._max_bytes}-byte cap", status=resp.status, error_type="response_too_large")
-        if resp.content_length is not None:  # declared and within the cap: one read
-            return await resp.read()
+        if resp.content_length is not None and resp.headers.get(
+                "Content-Encoding", "identity").lower() == "identity":
+            return await resp.read()  # declared, within the cap, not inflated: one read
         chunks, size = [], 0
         async for chunk in resp.content.iter_chunked(1 << 16):
             size += len(chunk)
@@ -122,7 +123,7 @@ class ChatClient:
     async def complete(self, body: dict[str, Any]) -> Completion:
         """One attempt; raises a ``RequestError`` subclass on any failure."""
         try:
-            data = orjson.dumps(body)
+            data = orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)  # logit_bias: {50256: -100}
         except TypeError as e:  # a value JSON cannot hold (from the spec's extra fields)
             raise FatalRequestError(f"request body is not JSON: {e}", error_type="bad_request"
                                     ) from None

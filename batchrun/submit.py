@@ -193,7 +193,7 @@ def _submission_id(spec: JobSpec, ds: str | None) -> str:
 def entrypoint(python: str, ds: str | None = None, *, retry_errors: bool = False,
                force: bool = False) -> str:
     """The command the cluster runs: ``submit_entry`` with the flags ``batchrun run`` takes."""
-    parts = [python, "-m", "batchrun.submit_entry", SPEC_FILE]
+    parts = [*shlex.split(python), "-m", "batchrun.submit_entry", SPEC_FILE]  # "conda run .."
     if ds:
         parts += ["--ds", ds]
     if retry_errors:

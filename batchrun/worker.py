@@ -112,8 +112,14 @@ class Worker:
         return os.environ.get(name) or await self._key_box[0]
 
     async def _setup(self) -> RowRunner:
-        if self._runner is not None:
-            return self._runner
+        if self._runner is None:
+            key = await self._api_key()  # the only await: two shards may both get here,
+            if self._runner is None:     # so build once, after it, with no await inside
+                self._runner = self._build(key)
+        return self._runner
+
+    def _build(self, key: str | None) -> RowRunner:
+        """The worker's one session, permit pool and semaphore, shared by its shards."""
         spec = self._spec
         self._limiter = ray.get_actor(limiter_name(spec.name))
         self._sem = asyncio.Semaphore(self._concurrency)
@@ -122,14 +128,13 @@ class Worker:
         self._metrics = JobMetrics(spec.name)
         price = self._price = price_for(spec)
         self._counted: tuple[object, int] = (None, 0)
-        client = ChatClient(self._session, spec.endpoint, await self._api_key())
-        self._runner = RowRunner(
+        client = ChatClient(self._session, spec.endpoint, key)
+        return RowRunner(
             spec, client, self._permits, pause_all=self._pause_all, price=price,
             token_cost=self._tokens if spec.limits.tpm else None,
             usd_cost=self._worst_usd if self._budgeted else None,
             check=self._structured.check if self._structured else None,
             extra_body=self._structured.request_fields() if self._structured else None)
-        return self._runner
 
     def _prompt_tokens(self, msgs: list[dict[str, Any]]) -> int:
         # _tokens and _worst_usd ask for the same row one after the other: count it once
@@ -204,9 +209,9 @@ class Worker:
                 if task.done():
                     break
                 yield self._table(feed.take())  # empty when idle: the driver's heartbeat
-            await task  # re-raises a read error of the shard
-            if recs := feed.take():
+            if recs := feed.take():  # answered (and paid for) even if the shard then failed
                 yield self._table(recs)
+            await task  # re-raises a read error of the shard
         finally:
             task.cancel()
 

@@ -234,10 +234,11 @@ def test_ops_status_list_stop_on_a_running_job(head: str, tmp_path: Path) -> Non
 def test_entrypoint_carries_run_flags_to_the_cluster() -> None:
     import shlex
 
-    cmd = entrypoint("/opt/py 3/bin/python", "2026-11-24", retry_errors=True, force=True)
+    cmd = entrypoint("conda run -n 'py 3' python", "2026-11-24", retry_errors=True,
+                     force=True)
     argv = shlex.split(cmd)
-    assert argv[:3] == ["/opt/py 3/bin/python", "-m", "batchrun.submit_entry"]
-    args = parser().parse_args(argv[3:])
+    assert argv[:6] == ["conda", "run", "-n", "py 3", "python", "-m"]
+    args = parser().parse_args(argv[7:])
     assert (args.ds, args.retry_errors, args.force) == ("2026-11-24", True, True)
     plain = parser().parse_args(shlex.split(entrypoint("python"))[3:])
     assert (plain.ds, plain.retry_errors, plain.force) == (None, False, False)

@@ -323,7 +323,9 @@ async def _run(d: _Driver, wait: bool, retry_errors: bool) -> BatchOutcome:
     d.plan()
     if retry_errors:
         d.requeue_errors()
-    if any(c.step == "written" for c in d.active_chunks()):
+    # Before the first upload only: once a batch exists the API is known to be there (and
+    # a provider that cannot list batches must not turn a resume into an online re-send).
+    if not any(c.batch_id or c.file_id for c in d.state.chunks):
         await d._retrying(d.p.probe)
     await d.recover_unrecorded()
     await d.submit_all()

@@ -122,15 +122,20 @@ class PermitPool:
         while True:
             if self.exhausted:
                 raise BudgetExhausted("the job's budget is exhausted")
+            held: object = object()
             slot = self._take_spare(cost) if usd is None else None
             if slot is None:
                 fut: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
                 self._waiting.append((cost, usd, fut))
                 if self._leaser is None or self._leaser.done():
                     self._leaser = asyncio.create_task(self._lease_loop())
-                slot = await fut
+                held = fut  # _grant holds the slot under this key as it hands it over
+                try:
+                    slot = await fut
+                except BaseException:
+                    self._held.pop(held, None)
+                    raise
             earliest, latest = slot
-            held = object()
             self._held[held] = (latest, cost)  # granted, not yet used: a restart must know
             try:
                 now = self._clock()
@@ -138,7 +143,7 @@ class PermitPool:
                     await asyncio.sleep(earliest - now)
                     now = self._clock()
             finally:
-                del self._held[held]
+                self._held.pop(held, None)
             if now <= latest and now >= self._local_pause:
                 self._sent.append((now, cost))
                 while self._sent[0][0] < now - _SENT_KEEP_S:  # keep one window, not the job
@@ -190,7 +195,7 @@ class PermitPool:
             if slot is None:
                 return
             self._waiting.popleft()
-            fut.set_result(slot)
+            self._grant(fut, slot, cost)
 
     async def _lease_loop(self) -> None:
         while self._waiting:
@@ -227,6 +232,12 @@ class PermitPool:
             if not fut.done():
                 fut.set_exception(BudgetExhausted("the job's budget is exhausted"))
 
+    def _grant(self, fut: asyncio.Future[_Slot], slot: _Slot, cost: float) -> None:
+        """Wake a waiter with its slot, held from now on: the waiter runs later, and a
+        restarted limiter asking for ``recent_sends`` in between must see the slot."""
+        self._held[fut] = (slot[1], cost)
+        fut.set_result(slot)
+
     def _hand_out(self, batch: list[_Waiter], answer: LeaseAnswer,
                   t_sent: float, t_recv: float) -> None:
         for (cost, _, fut), start in zip(batch, answer.starts):
@@ -237,7 +248,7 @@ class PermitPool:
                     PermitTooLarge(f"request of {cost:.0f} tokens exceeds the TPM limit"))
                 continue
             offset = start - answer.now
-            fut.set_result((t_recv + offset, t_sent + offset + self._validity))
+            self._grant(fut, (t_recv + offset, t_sent + offset + self._validity), cost)
         # the waiters the limiter had no slot for go back to the front, in order
         for waiter in reversed(batch[len(answer.starts):]):
             self._waiting.appendleft(waiter)

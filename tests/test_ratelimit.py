@@ -202,3 +202,28 @@ def test_permit_pool_serves_requests_from_spares_between_leases() -> None:
     assert pool.spares_used >= 1900 and pool.round_trips <= 30
     assert pool.spares_expired > 0 and asked[-1][1] == 2.0
     assert all(n <= 256 for n, _ in asked)
+
+
+def test_a_slot_handed_to_a_waiter_counts_as_held_before_the_waiter_runs() -> None:
+    import asyncio
+
+    from batchrun.permits import LeaseAnswer, PermitPool
+
+    clock = Clock()
+    seen: list[list[tuple[float, float]]] = []
+    pool: PermitPool
+
+    async def lease(costs, usd, settle, spare):
+        # The second call comes straight after the first one's hand-out, before the
+        # first waiter has resumed: what would a restarted limiter learn now?
+        seen.append(pool.recent_sends())
+        return LeaseAnswer(clock.t, [clock.t], None, 0.0)  # one slot per lease
+
+    async def main() -> None:
+        nonlocal pool
+        pool = PermitPool(lease, validity=0.05, clock=clock)
+        await asyncio.gather(pool.acquire(7.0), pool.acquire(7.0))
+
+    asyncio.run(main())
+    assert seen[0] == [] and seen[1] == [(pytest.approx(-0.05), 7.0)]  # held, not yet sent
+    assert not pool._held and len(pool._sent) == 2

@@ -60,8 +60,9 @@ def _first_cause(eg: BaseExceptionGroup) -> BaseException:
 
 class Dispatcher:
     def __init__(self, limiter: Any, workers: list[Any], store: ResultsStore,
-                 on_rows: Callable[[int], None]):
+                 on_rows: Callable[[int], None], key_box: list[Any]):
         self._limiter = limiter
+        self._key_box = key_box  # the API key's reference, never the key (see worker.py)
         self._workers = workers
         self._store = store
         self._on_rows = on_rows
@@ -86,7 +87,8 @@ class Dispatcher:
 
     async def _stream(self, worker: Any, plan: ShardPlan) -> None:
         name = plan.shard.name
-        gen = worker.run_shard.options(num_returns="streaming").remote(plan.shard, plan.skip)
+        gen = worker.run_shard.options(num_returns="streaming").remote(plan.shard, plan.skip,
+                                                                        self._key_box)
         it = gen.__aiter__()
         while True:
             try:

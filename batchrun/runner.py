@@ -157,15 +157,15 @@ def _start_actors(spec: JobSpec, key: str | None, schema: pa.Schema,
     except ValueError as e:  # the name is taken: the same job is running on this cluster
         raise UserError(f"job {spec.name!r} is already running on this Ray cluster "
                         "(its actors exist); wait for it or stop it first") from e
-    # A reference inside a list, so Ray passes the reference, not the key, as the argument.
-    # The actors hold it as long as they live, so a restarted worker can read it again.
+    # A reference inside a list, so Ray passes the reference, not the key, as the argument
+    # of each run_shard. The driver holds it for the run, so a restarted worker reads it.
     key_box = [ray.put(key) if key else None]
     per_worker = max(1, spec.limits.max_concurrency // spec.workers)
     try:
         workers = [
             Worker.options(  # type: ignore[attr-defined]
                 name=worker_name(spec.name, i), num_cpus=WORKER_CPUS).remote(
-                spec, per_worker, key_box, schema, budget is not None, structured)
+                spec, per_worker, schema, budget is not None, structured)
             for i in range(spec.workers)
         ]
     except BaseException:
@@ -209,7 +209,7 @@ def _run_dispatch(spec: JobSpec, actors: JobActors, store: ResultsStore,
             bar.update(task, advance=n, rate=f"{rate:,.0f}")
             metrics.set_remaining(total - done - count)
 
-        dispatcher = Dispatcher(actors.limiter, actors.workers, store, on_rows)
+        dispatcher = Dispatcher(actors.limiter, actors.workers, store, on_rows, actors.key_box)
         asyncio.run(dispatcher.run(plans))
         return dispatcher.budget_exhausted
 

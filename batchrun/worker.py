@@ -89,14 +89,14 @@ def worker_name(job: str, index: int) -> str:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class Worker:
-    def __init__(self, spec: JobSpec, concurrency: int, key_box: list[Any], schema: pa.Schema,
+    def __init__(self, spec: JobSpec, concurrency: int, schema: pa.Schema,
                  budgeted: bool = False, structured: Structured | None = None):
         self._spec = spec
         self._budgeted = budgeted
         # built by the driver: a `pydantic:` model may not import on this node
         self._structured = structured
         self._concurrency = concurrency
-        self._key_box = key_box
+        self._key_box: list[Any] = [None]  # from run_shard: see _api_key
         self._schema = schema
         self._runner: RowRunner | None = None
         self._in_flight = 0
@@ -195,8 +195,15 @@ class Worker:
         self._metrics.set_in_flight(self._in_flight)
         return pa.Table.from_pylist(recs, schema=self._schema)
 
-    async def run_shard(self, shard: Shard, skip: set[str]) -> AsyncIterator[pa.Table]:
-        """Yield tables of finished rows of ``shard``, leaving out the ids in ``skip``."""
+    async def run_shard(self, shard: Shard, skip: set[str], key_box: list[Any]
+                        ) -> AsyncIterator[pa.Table]:
+        """Yield tables of finished rows of ``shard``, leaving out the ids in ``skip``.
+
+        ``key_box`` holds the reference to the API key, with every shard rather than once
+        in the constructor: Ray warns that a restarted actor whose constructor arguments
+        are in the object store may fail to start (ray#53727), and this way it cannot.
+        """
+        self._key_box = key_box
         feed = _Feed(iter_shard_rows(self._spec, shard), skip, self._spec.flush_rows,
                      lambda: self._permits.exhausted)
         task = asyncio.create_task(self._feed(feed))

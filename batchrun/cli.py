@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from batchrun.errors import BatchrunError, BudgetExhausted
+from batchrun.errors import EXIT_PENDING, BatchrunError, BudgetExhausted
 
 __all__ = ["app", "main"]
 
@@ -24,7 +24,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Batch inference over OpenAI-compatible APIs on Ray.")
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
-EXIT_PENDING = 10  # batch mode --no-wait: batches submitted, not finished (the scheduler knows)
 
 
 def clean_errors(fn: F) -> F:

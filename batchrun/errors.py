@@ -9,6 +9,8 @@
     ├── OutputError                    results cannot be written (permissions, disk)
     ├── BudgetExhausted                the next reservation would break the cap
     ├── ClusterError                   Ray could not be started/joined, actors lost for good
+    ├── JobCannotSucceed               stopped early: every request fails the same way, the
+    │                                  error rate passed max_error_rate, a provider stays down
     └── RequestError                   one chat-completion attempt failed (a row error)
         ├── RetryableError             429, 5xx, timeout, reset, malformed body
         │   └── RateLimited            429, with the provider's Retry-After
@@ -22,11 +24,14 @@ are classified by status code, never by message text.
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_PENDING",
+    "EXIT_ROW_ERRORS",
     "BatchrunError",
     "BudgetExhausted",
     "ClusterError",
     "FatalRequestError",
     "InputDataError",
+    "JobCannotSucceed",
     "OutputError",
     "RateLimited",
     "RequestError",
@@ -36,6 +41,14 @@ __all__ = [
     "SpecError",
     "UserError",
 ]
+
+
+# Exit codes of `batchrun run` besides the errors' own (documented in the README):
+# 0 every row ok; 2 bad input; 3 output not writable; 4 budget exhausted; 5 cluster lost;
+# 6 finished, but some rows ended status=error; 7 stopped early (JobCannotSucceed);
+# 10 batches pending (--no-wait). The scheduler and `submit --wait` read them.
+EXIT_ROW_ERRORS = 6
+EXIT_PENDING = 10
 
 
 class BatchrunError(Exception):
@@ -80,6 +93,17 @@ class ClusterError(BatchrunError):
     """Ray could not be started or joined, or the job lost its actors for good."""
 
     exit_code = 5
+
+
+class JobCannotSucceed(BatchrunError):
+    """The job was stopped early because it cannot succeed; unsent rows stay unsent.
+
+    Raised by the circuit breaker (the first requests all failed the same non-retryable
+    way: 401, 403, 404, connection refused), by ``max_error_rate``, and by a provider
+    API that stays unavailable past the retry policy. Rerun once the cause is fixed.
+    """
+
+    exit_code = 7
 
 
 class RequestError(BatchrunError):

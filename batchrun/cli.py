@@ -45,8 +45,20 @@ def _logging(verbose: bool) -> None:
                         handlers=[RichHandler(console=err_console, show_path=False)])
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"batchrun {version('batchrun')} (ray {version('ray')}, "
+              f"python {sys.version.split()[0]})")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    _: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                           help="Print batchrun's version and exit."),
+) -> None:
     """Batch inference over OpenAI-compatible APIs on Ray."""
 
 
@@ -77,6 +89,9 @@ def run(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     no_dashboard: bool = typer.Option(False, "--no-dashboard", help="Local Ray without dashboard."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    limit: int = typer.Option(None, "--limit", min=1,
+                              help="Smoke test: send only the input's first N rows, into the "
+                                   "same output (a full run later sends the rest)."),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Run or resume a job; results and summary.json go to the spec's output folder."""
@@ -89,14 +104,22 @@ def run(
     opts = RunOptions(address=address, retry_errors=retry_errors, force=force, ds=ds,
                       mode=mode, wait=not no_wait,
                       progress=not no_progress and sys.stderr.isatty(),
-                      include_dashboard=False if no_dashboard else None)
+                      include_dashboard=False if no_dashboard else None, limit=limit)
+    if no_wait:
+        _refuse_no_wait_simulated(spec, ds)
     summary = run_job(spec, opts)
-    if summary.rows_this_run == 0 and summary.unsent == 0:
+    if summary.rows == 0 and summary.unsent == 0:  # no rows at all: not "complete"
+        err_console.print(f"job {summary.job}: input has 0 rows: nothing to send")
+    elif summary.rows_this_run == 0 and summary.unsent == 0:
         err_console.print(f"job {summary.job} is already complete: nothing to send")
     if as_json:
         print(json.dumps(summary.model_dump(), indent=2))
     else:
         Console().print(render_summary(summary))
+    if summary.output:
+        err_console.print(f"results: {summary.output.rstrip('/')}/results/  "
+                          f"(summary: {summary.output.rstrip('/')}/summary.json)",
+                          highlight=False, soft_wrap=True)
     if summary.pending_batches:
         err_console.print(f"{summary.pending_batches} batches pending; run the same command "
                           "later to collect them")
@@ -105,6 +128,18 @@ def run(
         err_console.print(f"budget exhausted: {summary.unsent:,} rows left unsent; raise "
                           "budget.max_cost_usd (or wait for a new day) and run again to resume")
         raise typer.Exit(BudgetExhausted.exit_code)
+
+
+def _refuse_no_wait_simulated(spec_path: str, ds: str | None) -> None:
+    """The simulated provider lives as long as this command: batches submitted to it
+    with --no-wait would be lost with it, and no later run could collect them."""
+    from batchrun.errors import UserError
+    from batchrun.spec import load_spec
+
+    if load_spec(spec_path, ds=ds).simulate is not None:
+        raise UserError(f"{spec_path}: --no-wait cannot be used with simulate: (the simulated "
+                        "provider stops when this command exits, taking its batches with it); "
+                        "run without --no-wait")
 
 
 def main() -> None:
@@ -151,7 +186,13 @@ def _mount_subcommands() -> None:
 
     app.command("commcheck")(commcheck)
     app.command("scheduler")(clean_errors(scheduler_command))
-    app.add_typer(schedule_app, name="schedule")
+    # wrapped copies (the scheduler module's own app stays raw for its tests): a bad
+    # folder or spec under `schedule list` is one line too
+    schedule = typer.Typer(help=schedule_app.info.help, no_args_is_help=True)
+    for cmd in schedule_app.registered_commands:
+        assert cmd.callback is not None
+        schedule.command(cmd.name)(clean_errors(cmd.callback))
+    app.add_typer(schedule, name="schedule")
 
 
 _mount_subcommands()

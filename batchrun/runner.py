@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from ray.job_config import JobConfig
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -38,7 +40,7 @@ from batchrun.dispatch import Dispatcher, ShardPlan
 from batchrun.errors import ClusterError, UserError
 from batchrun.limiter import BudgetConfig, RateLimiter, limiter_name
 from batchrun.metrics import JobMetrics
-from batchrun.pricing import price_for
+from batchrun.pricing import ModelPrice, price_for, worst_case_usd
 from batchrun.resume import check_fingerprint, refuse_duplicates
 from batchrun.shards import Shard, carry_schema, plan_shards, validate_input
 from batchrun.spec import JobSpec, load_spec, resolve_api_key
@@ -51,6 +53,7 @@ __all__ = ["RunOptions", "run_job"]
 
 log = logging.getLogger("batchrun")
 WORKER_CPUS = 1.0
+MAX_OUTPUT_TOKENS = 128_000  # the largest output limit of the models in the price table
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class RunOptions:
     ds: str | None = None
     progress: bool = True
     include_dashboard: bool | None = None
+    limit: int | None = None  # a smoke test: only the input's first N rows
 
 
 @contextlib.contextmanager
@@ -90,13 +94,24 @@ def simulated_provider(spec: JobSpec) -> Iterator[JobSpec]:
         proc.terminate()
 
 
+def _job_config() -> JobConfig:
+    """Ray puts the driver's current directory first on its workers' ``sys.path``. Started
+    from a folder holding a directory named ``batchrun`` (a checkout's parent), workers
+    would import that as a namespace package, not the driver's batchrun: put the folder
+    that holds the driver's own package on their path too, where a regular package wins."""
+    import batchrun
+
+    return JobConfig(_py_driver_sys_path=[str(Path(batchrun.__file__).resolve().parents[1])])
+
+
 def _connect(opts: RunOptions, spec: JobSpec) -> tuple[float, bool]:
     """Join or start Ray; returns (seconds taken, whether we started it)."""
     if ray.is_initialized():
         return 0.0, False
     t0 = time.monotonic()
     address = opts.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"namespace": "batchrun", "log_to_driver": True}
+    kwargs: dict[str, Any] = {"namespace": "batchrun", "log_to_driver": True,
+                              "job_config": _job_config()}
     if address:
         kwargs["address"] = address
     else:
@@ -214,6 +229,31 @@ def _run_dispatch(spec: JobSpec, actors: JobActors, store: ResultsStore,
         return dispatcher.budget_exhausted
 
 
+def _warn_max_tokens(spec: JobSpec, price: ModelPrice) -> None:
+    """max_tokens is what the budget and TPM reserve for every row: a slip of the finger
+    (1000000000) does not fail, but it should never pass silently."""
+    n = spec.generation.max_tokens
+    if n <= MAX_OUTPUT_TOKENS:
+        return
+    per_row = worst_case_usd(price, 0, n, batch=spec.mode == "batch")
+    log.warning("generation.max_tokens=%s is above any current model's output limit (%s): "
+                "each row may cost up to $%s in output alone, and the budget and TPM "
+                "reserve that for every row; set it to the longest answer you expect",
+                f"{n:,}", f"{MAX_OUTPUT_TOKENS:,}", f"{per_row:,.2f}")
+
+
+def first_rows(shards: list[Shard], limit: int) -> list[Shard]:
+    """The shards cut to the input's first ``limit`` rows. They keep their names, so the
+    results land where a full run looks for them, and it sends only the rest."""
+    out: list[Shard] = []
+    for shard in shards:
+        if limit <= 0:
+            break
+        out.append(dataclasses.replace(shard, stop=shard.start + min(limit, shard.num_rows)))
+        limit -= out[-1].num_rows
+    return out
+
+
 @dataclass
 class _Job:
     """A validated job: everything checked before a request may be sent."""
@@ -229,9 +269,14 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     spec = load_spec(spec_path, ds=opts.ds)
     if opts.mode:
         spec = spec.model_copy(update={"mode": opts.mode})
-    price_for(spec)  # a model with no price is refused before anything runs
+    _warn_max_tokens(spec, price_for(spec))  # a model with no price is refused here too
     files = validate_input(spec)
     shards = plan_shards(spec, files)
+    if opts.limit is not None:
+        if spec.mode == "batch":
+            raise UserError("--limit runs the first rows online: drop --mode batch for the "
+                            "smoke test; a batch run afterwards sends only the rows left")
+        shards = first_rows(shards, opts.limit)
     refuse_duplicates(spec, files)
     structured = Structured.from_spec(spec, Path(spec_path).parent)
     for problem in structured.strict_problems() if structured else []:
@@ -254,7 +299,9 @@ def _run_online(job: _Job, spec: JobSpec, key: str | None,
     if plans and budget is not None and budget.job_cap_usd == 0.0:
         return None, True  # earlier runs spent the whole cap
     if not plans:
-        log.info("job %s is already complete: %d rows in %s", spec.name, job.total, spec.output)
+        if job.total:  # an empty input is not "complete": the CLI says it has 0 rows
+            log.info("job %s is already complete: %d rows in %s", spec.name, job.total,
+                     spec.output)
         return None, False
     ray_s, started_ray = _connect(opts, spec)
     actors: JobActors | None = None
@@ -302,6 +349,7 @@ def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
         summary = summarize(job.store.result_files(), job=spec.name,
                             wall_s=wall, run_started=started,
                             total_rows=job.total, ray_startup_s=ray_s,
-                            budget_exhausted=exhausted, pending_batches=pending)
+                            budget_exhausted=exhausted, pending_batches=pending,
+                            output=str(spec.output))
         save_summary(summary, Path(spec.output) / "summary.json")
         return summary

@@ -48,7 +48,8 @@ class Summary(BaseModel):
     tokens_per_s: float = Field(description="Total tokens of this run's rows / wall_s.")
     latency_ms: dict[str, float | None] = Field(description="p50, p95, p99, mean of ok rows.")
     retries: int = Field(description="Attempts beyond the first, over all rows.")
-    limiter_wait_s: float = Field(description="Seconds rows spent waiting for send slots.")
+    limiter_wait_s: float = Field(description="Seconds rows spent waiting for send slots, "
+                                  "summed over rows (they wait side by side).")
     prompt_tokens: int = Field(description="Prompt tokens billed.")
     completion_tokens: int = Field(description="Completion tokens billed.")
     total_tokens: int = Field(description="All tokens billed.")
@@ -60,6 +61,7 @@ class Summary(BaseModel):
                                  "(--no-wait); run the same command later to collect them.")
     budget_exhausted: bool = Field(False, description="The budget stopped dispatch; rerun "
                                    "with a raised cap or on a new day to send the rest.")
+    output: str | None = Field(None, description="The output folder: results/ and this file.")
 
 
 def percentile(values: pa.Array, qs: list[float]) -> list[float | None]:
@@ -114,7 +116,8 @@ class _Tally:
 
 def summarize(files: list[Path], *, job: str, wall_s: float, run_started: datetime,
               total_rows: int, ray_startup_s: float | None = None,
-              budget_exhausted: bool = False, pending_batches: int = 0) -> Summary:
+              budget_exhausted: bool = False, pending_batches: int = 0,
+              output: str | None = None) -> Summary:
     tally = _Tally()
     for f in files:
         tally.add(pq.read_table(f, columns=_COLS), run_started)
@@ -137,7 +140,7 @@ def summarize(files: list[Path], *, job: str, wall_s: float, run_started: dateti
         total_tokens=int(s["total_tokens"]), cost_usd=s["cost_usd"],
         by_model={m: dict(c) for m, c in tally.by_model.items()},
         ray_startup_s=ray_startup_s, budget_exhausted=budget_exhausted,
-        pending_batches=pending_batches,
+        pending_batches=pending_batches, output=output,
     )
 
 
@@ -163,7 +166,9 @@ def render_summary(s: Summary) -> Table:
         ("requests/s (this run)", _fmt(s.requests_per_s)), ("tokens/s", _fmt(s.tokens_per_s)),
         ("latency p50 / p95 / p99", " / ".join(_fmt(s.latency_ms[k]) for k in ("p50", "p95", "p99"))
          + " ms"),
-        ("retries", f"{s.retries:,}"), ("rate-limiter wait", f"{s.limiter_wait_s:,.1f} s"),
+        ("retries", f"{s.retries:,}"),
+        # a sum over rows that waited side by side: per row is what a user can compare
+        ("rate-limiter wait per row (mean)", f"{1e3 * s.limiter_wait_s / max(s.rows, 1):,.0f} ms"),
         ("tokens in / out", f"{s.prompt_tokens:,} / {s.completion_tokens:,}"),
         ("cost", f"${s.cost_usd:,.4f}"),
     ]

@@ -1,0 +1,119 @@
+"""What a new user meets first: the install, --version, --limit, the final screen, any cwd."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import packages_distributions, version
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun.mockserver import MockConfig, start_subprocess
+from batchrun.runner import RunOptions, _prepare, run_job
+from tests.conftest import make_prompts, write_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCHRUN = str(Path(sys.executable).with_name("batchrun"))
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Top-level names imported when the module loads (not the lazy ones in functions)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _requirement_name(req: str) -> str:
+    return re.split(r"[\[<>=!~; ]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_import_of_the_core_is_a_declared_dependency():
+    """`pip install -e .` alone must run the demo: a module the core imports at load time
+    must come from `dependencies`, not from an extra (numpy once came only with [gpu])."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {_requirement_name(d) for d in deps}
+    dist_of = packages_distributions()
+    missing = {}
+    for path in (ROOT / "batchrun").rglob("*.py"):
+        if "commcheck" in path.parts:  # its own optional extra; imports torch lazily
+            continue
+        for name in _module_level_imports(path):
+            if name in sys.stdlib_module_names or name == "batchrun":
+                continue
+            dists = {d.lower().replace("_", "-") for d in dist_of.get(name, [name])}
+            if not dists & declared:
+                missing[name] = str(path.relative_to(ROOT))
+    assert not missing, f"imported at load time but not in dependencies: {missing}"
+
+
+def test_version_flag():
+    out = subprocess.run([BATCHRUN, "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert out.stdout.startswith(f"batchrun {version('batchrun')} (ray {version('ray')}")
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(180)
+def test_limit_is_a_smoke_test_a_full_run_continues(tmp_path):
+    make_prompts(tmp_path / "in.parquet", 500)
+    with start_subprocess(MockConfig(seed=3)) as server:
+        spec = write_spec(tmp_path, endpoint={"base_url": server.base_url})
+        smoke = run_job(str(spec), RunOptions(progress=False, limit=120))
+        first = pq.read_table(sorted((tmp_path / "out" / "results").glob("*.parquet")))
+        full = run_job(str(spec), RunOptions(progress=False))
+        stats = server.stats()
+    # exactly the input's first 120 rows, in the same output a full run uses
+    assert sorted(first["id"].to_pylist()) == [f"r{i:06d}" for i in range(120)]
+    assert smoke.rows == 120 and smoke.unsent == 0
+    assert full.rows == 500 and full.ok == 500 and full.rows_this_run == 380
+    assert stats["ok"] == 500 and stats["duplicate_ok_prompts"] == 0  # none sent twice
+
+
+def test_limit_refused_with_batch_mode(tmp_path):
+    from batchrun.errors import UserError
+
+    make_prompts(tmp_path / "in.parquet", 10)
+    spec = write_spec(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"})
+    with pytest.raises(UserError, match="--limit"):
+        _prepare(str(spec), RunOptions(mode="batch", limit=5))
+
+
+def test_huge_max_tokens_is_warned_with_its_worst_case(tmp_path, caplog):
+    make_prompts(tmp_path / "in.parquet", 10)
+    spec = write_spec(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"},
+                      generation={"max_tokens": 1_000_000_000})
+    with caplog.at_level(logging.WARNING, logger="batchrun"):
+        _prepare(str(spec), RunOptions())
+    text = caplog.text
+    assert "max_tokens=1,000,000,000" in text and "$1,600.00" in text  # gpt-4.1-mini: $1.6/1M
+
+
+@pytest.mark.timeout(240)
+def test_runs_from_a_folder_holding_a_batchrun_directory(tmp_path):
+    """A checkout's parent folder holds a directory named batchrun (the checkout): Ray puts
+    the current folder first on its workers' path, where it used to shadow the package."""
+    make_prompts(tmp_path / "in.parquet", 60)
+    spec = write_spec(tmp_path, simulate={"rpm": 100_000}, endpoint={"api_key_env": "SIM_K"})
+    cwd = tmp_path / "parent"
+    (cwd / "batchrun" / "batchrun").mkdir(parents=True)  # a checkout: no __init__.py on top
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    out = subprocess.run([BATCHRUN, "run", str(spec), "--no-dashboard", "--no-progress"],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=220)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    results = pq.read_table(sorted((tmp_path / "out" / "results").glob("*.parquet")))
+    assert results.num_rows == 60 and set(results["status"].to_pylist()) == {"ok"}
+    # the final screen says where the results are
+    assert f"results: {tmp_path / 'out'}/results/" in out.stderr.replace("\n", "")

@@ -96,7 +96,7 @@ def run(
 ) -> None:
     """Run or resume a job; results and summary.json go to the spec's output folder."""
     from batchrun.runner import RunOptions, run_job
-    from batchrun.summary import render_summary
+    from batchrun.summary import errors_line, exit_code, render_summary
 
     _logging(verbose)
     if mode not in (None, "online", "batch"):
@@ -128,6 +128,9 @@ def run(
         err_console.print(f"budget exhausted: {summary.unsent:,} rows left unsent; raise "
                           "budget.max_cost_usd (or wait for a new day) and run again to resume")
         raise typer.Exit(BudgetExhausted.exit_code)
+    if line := errors_line(summary, f"batchrun run {spec}"):  # cron and CI must see them
+        err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(exit_code(summary))
 
 
 def _refuse_no_wait_simulated(spec_path: str, ds: str | None) -> None:

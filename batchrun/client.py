@@ -9,6 +9,8 @@ by status code and exception class, never by message text:
     408, 409, 5xx             -> RetryableError(http_<code>)
     other 4xx                 -> FatalRequestError(http_<code>)
     timeout                   -> RetryableError(timeout)
+    connection refused        -> RetryableError(connect_refused)   nothing was sent
+    host name unresolvable    -> RetryableError(dns)               nothing was sent
     reset / disconnect        -> RetryableError(connection)
     body over the size cap    -> FatalRequestError(response_too_large)
 
@@ -134,6 +136,15 @@ class ChatClient:
                 headers = resp.headers
         except TimeoutError:
             raise RetryableError("request timed out", error_type="timeout") from None
+        except aiohttp.ClientConnectorDNSError as e:  # nothing was sent (the breaker's cause)
+            raise RetryableError(f"DNS failure: cannot resolve {e.host}", error_type="dns"
+                                 ) from None
+        except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, ConnectionRefusedError):  # nothing listens there
+                raise RetryableError(f"connection refused by {e.host}:{e.port}",
+                                     error_type="connect_refused") from None
+            raise RetryableError(f"connection failed: {type(e).__name__}",
+                                 error_type="connection") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise RetryableError(
                 f"connection failed: {type(e).__name__}", error_type="connection") from None

@@ -9,6 +9,11 @@ into its final file, which must then hold one row per input row, or the shard
 runs again for the rows it lacks. A worker that dies (Ray restarts it) or goes
 silent past ``STALL_S`` costs only its in-flight rows: the shard is re-sent
 minus every id already written.
+
+A job that cannot succeed stops early (``JobCannotSucceed``, exit 7): a worker's circuit
+breaker, or the rolling error rate watched here over the tables as they arrive, halts
+the limiter, which refuses every worker's next lease; the shards end short, what was
+answered is written, and the rest stays unsent for the rerun.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.exceptions import RayActorError
 
-from batchrun.errors import BatchrunError, ClusterError
+from batchrun.breaker import ErrorRate
+from batchrun.errors import BatchrunError, ClusterError, JobCannotSucceed
 from batchrun.shards import Shard
 from batchrun.writer import ResultsStore
 
@@ -60,7 +67,8 @@ def _first_cause(eg: BaseExceptionGroup) -> BaseException:
 
 class Dispatcher:
     def __init__(self, limiter: Any, workers: list[Any], store: ResultsStore,
-                 on_rows: Callable[[int], None], key_box: list[Any]):
+                 on_rows: Callable[[int], None], key_box: list[Any],
+                 error_rate: ErrorRate | None = None):
         self._limiter = limiter
         self._key_box = key_box  # the API key's reference, never the key (see worker.py)
         self._workers = workers
@@ -68,12 +76,15 @@ class Dispatcher:
         self._on_rows = on_rows
         self.worker_restarts = 0
         self.budget_exhausted = False
+        self._error_rate = error_rate
+        self.halted: str | None = None  # why the job stops early (breaker, error rate)
+        self.stopped_early = False  # a shard was left with rows unsent because of it
 
     async def run(self, plans: list[ShardPlan]) -> None:
         queue = deque(plans)
 
         async def lane(worker: Any) -> None:
-            while queue and not self.budget_exhausted:
+            while queue and not self.budget_exhausted and self.halted is None:
                 await self._run_shard(worker, queue.popleft())
 
         try:
@@ -84,6 +95,27 @@ class Dispatcher:
         except ExceptionGroup as eg:
             # one lane failing cancels the others; report the cause, not the group
             raise _first_cause(eg) from eg
+        if self.halted is not None and self.stopped_early:  # answered rows are written
+            raise JobCannotSucceed(f"job stopped early: {self.halted}; rows without a result "
+                                   "stay unsent: fix the cause and run the same command again")
+
+    def _watch(self, table: pa.Table) -> None:
+        """Feed the rolling error rate; past max_error_rate, stop every worker."""
+        if self._error_rate is None or self.halted is not None:
+            return
+        sent = table.filter(pc.greater(pc.fill_null(table["attempts"], 0), 0))  # not bad_row
+        n_err = int(pc.sum(pc.equal(sent["status"], "error")).as_py() or 0)
+        if n_err == 0:
+            self._error_rate.add_ok(sent.num_rows)
+            reason = self._error_rate.verdict()
+        else:
+            reason = self._error_rate.add(
+                (None if st == "ok" else et or "unknown", msg) for st, et, msg in zip(
+                    sent["status"].to_pylist(), sent["error_type"].to_pylist(),
+                    sent["error_message"].to_pylist(), strict=True))
+        if reason is not None:
+            self.halted = reason
+            self._limiter.halt.remote(reason)  # every worker stops at its next lease
 
     async def _stream(self, worker: Any, plan: ShardPlan) -> None:
         name = plan.shard.name
@@ -100,6 +132,7 @@ class Dispatcher:
                 await asyncio.to_thread(self._store.write_part, name, table)
                 plan.skip.update(table["id"].to_pylist())
                 self._on_rows(table.num_rows)
+                self._watch(table)
 
     async def _run_shard(self, worker: Any, plan: ShardPlan) -> None:
         for _ in range(MAX_SHARD_TRIES):
@@ -116,6 +149,12 @@ class Dispatcher:
             rows = await asyncio.to_thread(self._store.finalize, plan.shard.name)
             if rows >= plan.shard.num_rows:
                 plan.skip = set()  # only a rerun of this shard needs them: free them now
+                return
+            if self.halted is None:  # a worker's breaker may have stopped the job
+                self.halted = await asyncio.wait_for(self._limiter.halted.remote(), STALL_S)
+            if self.halted is not None:
+                self.stopped_early = True  # the rest stays unsent, for the rerun
+                plan.skip = set()
                 return
             if await asyncio.wait_for(self._limiter.exhausted.remote(), STALL_S):
                 self.budget_exhausted = True  # the rest stays unsent, for a later run

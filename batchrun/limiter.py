@@ -75,6 +75,7 @@ class RateLimiter:
         if self.restarted and self._spending is not None:
             self._spending.exhausted = True
         self._leases = 0
+        self._halted: str | None = None  # why the job stops (breaker, error rate), if it does
 
     def _recover(self, job: str) -> None:
         """Rebuild the window log from the workers' own record of their recent sends.
@@ -107,6 +108,10 @@ class RateLimiter:
         if sp is not None:
             for reserved, actual in settle or ():
                 sp.settle(reserved, actual)
+        if self._halted is not None:  # the job is stopping: no more slots for anyone
+            if sp is not None:
+                sp.flush()
+            return LeaseAnswer(time.monotonic(), [], None, 0.0, exhausted=True)
         n = len(costs)
         if sp is not None and usd is not None:
             n = next((i for i, u in enumerate(usd) if not sp.try_reserve(u)), n)
@@ -123,6 +128,15 @@ class RateLimiter:
         return LeaseAnswer(g.now, g.starts, g.retry_at, g.paused_until, exhausted,
                            spares, spare[1])
 
+    def halt(self, reason: str) -> None:
+        """Stop the job: every worker's next lease is refused (its rows stay unsent)."""
+        if self._halted is None:
+            self._halted = reason
+
+    def halted(self) -> str | None:
+        """Why the job was stopped (the first reason given), or None."""
+        return self._halted
+
     def exhausted(self) -> bool:
         return self._spending is not None and self._spending.exhausted
 
@@ -138,7 +152,7 @@ class RateLimiter:
     def stats(self) -> dict[str, Any]:
         sp = self._spending
         return {"granted": self._sched.granted, "leases": self._leases,
-                "restarted": self.restarted,
+                "restarted": self.restarted, "halted": self._halted,
                 "spent_usd": sp.book.spent if sp else None,
                 "reserved_usd": sp.book.reserved if sp else None,
                 "budget_exhausted": bool(sp and sp.exhausted)}

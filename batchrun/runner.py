@@ -36,6 +36,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from batchrun.breaker import ErrorRate
 from batchrun.dispatch import Dispatcher, ShardPlan
 from batchrun.errors import ClusterError, UserError
 from batchrun.limiter import BudgetConfig, RateLimiter, limiter_name
@@ -224,7 +225,8 @@ def _run_dispatch(spec: JobSpec, actors: JobActors, store: ResultsStore,
             bar.update(task, advance=n, rate=f"{rate:,.0f}")
             metrics.set_remaining(total - done - count)
 
-        dispatcher = Dispatcher(actors.limiter, actors.workers, store, on_rows, actors.key_box)
+        dispatcher = Dispatcher(actors.limiter, actors.workers, store, on_rows, actors.key_box,
+                                ErrorRate(spec.retry.max_error_rate, spec.retry.error_window_rows))
         asyncio.run(dispatcher.run(plans))
         return dispatcher.budget_exhausted
 

@@ -149,6 +149,15 @@ class RetrySpec(_Model):
     backoff_base_s: float = Field(0.5, gt=0, description="First backoff ceiling, seconds.")
     backoff_cap_s: float = Field(30.0, gt=0, description="Largest backoff ceiling, seconds.")
     jitter: Literal["full"] = Field("full", description="Full jitter: sleep U(0, ceiling).")
+    breaker_requests: int = Field(
+        20, ge=0, description="Stop the job (exit 7) when a worker's first this many requests "
+        "all fail the same job-wide way: HTTP 401, 403, 404, connection refused, DNS; "
+        "a success first disarms it; 0: off.")
+    max_error_rate: float = Field(
+        0.5, gt=0, le=1, description="Stop the job (exit 7) when more than this share of "
+        "the last error_window_rows sent rows ended status=error; 1: never.")
+    error_window_rows: int = Field(
+        200, ge=200, description="Rows of the rolling window max_error_rate is judged on.")
 
 
 class PriceSpec(_Model):

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from batchrun.runner import RunOptions, run_job
+    from batchrun.summary import exit_code
 
     try:
         load_key(args.spec)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchrun: error: {e}", file=sys.stderr, flush=True)
         return int(getattr(e, "exit_code", 1))
     print(json.dumps(summary.model_dump(mode="json"), indent=2), flush=True)
-    return 0
+    return exit_code(summary)  # row errors (6), budget (4): the job server reports FAILED
 
 
 if __name__ == "__main__":

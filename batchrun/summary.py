@@ -23,7 +23,10 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
-__all__ = ["Summary", "percentile", "render_summary", "save_summary", "summarize"]
+from batchrun.errors import EXIT_PENDING, EXIT_ROW_ERRORS, BudgetExhausted
+
+__all__ = ["Summary", "errors_line", "exit_code", "percentile", "render_summary", "save_summary",
+           "summarize"]
 
 _COLS = ["model", "status", "error_type", "latency_ms", "attempts", "prompt_tokens",
          "completion_tokens", "total_tokens", "cost_usd", "wait_ms", "finished_at"]
@@ -142,6 +145,27 @@ def summarize(files: list[Path], *, job: str, wall_s: float, run_started: dateti
         ray_startup_s=ray_startup_s, budget_exhausted=budget_exhausted,
         pending_batches=pending_batches, output=output,
     )
+
+
+def exit_code(s: Summary) -> int:
+    """``batchrun run``'s exit code for a finished run: batches pending (10), budget
+    exhausted (4), some rows status=error (6), else 0. The CLI, the submitted job's
+    entrypoint and so the scheduler read the same answer."""
+    if s.pending_batches:
+        return EXIT_PENDING
+    if s.budget_exhausted:
+        return BudgetExhausted.exit_code
+    return EXIT_ROW_ERRORS if s.errors else 0
+
+
+def errors_line(s: Summary, rerun: str = "batchrun run JOB.yaml") -> str | None:
+    """One line on the rows in error and how to re-send them; None when there are none."""
+    if not s.errors:
+        return None
+    kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(s.errors_by_type.items(),
+                                                      key=lambda kv: -kv[1]))
+    return (f"{s.errors:,} of {s.rows:,} rows ended in error ({kinds}); "
+            f"`{rerun} --retry-errors` re-sends them")
 
 
 def save_summary(summary: Summary, path: Path) -> None:

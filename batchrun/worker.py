@@ -129,8 +129,12 @@ class Worker:
         price = self._price = price_for(spec)
         self._counted: tuple[object, int] = (None, 0)
         client = ChatClient(self._session, spec.endpoint, key)
+
+        def on_trip(reason: str) -> None:  # a provider may echo the key in its message
+            self._halt(reason.replace(key, "<api key>") if key else reason)
+
         return RowRunner(
-            spec, client, self._permits, pause_all=self._pause_all, price=price,
+            spec, client, self._permits, pause_all=self._pause_all, price=price, on_trip=on_trip,
             token_cost=self._tokens if spec.limits.tpm else None,
             usd_cost=self._worst_usd if self._budgeted else None,
             check=self._structured.check if self._structured else None,
@@ -159,6 +163,12 @@ class Worker:
         except TimeoutError:
             raise ClusterError(f"the rate limiter did not answer within {LEASE_TIMEOUT_S:.0f} s"
                                ) from None
+
+    def _halt(self, reason: str) -> None:
+        """The breaker tripped: stop this worker's sends and reads now (as a spent budget
+        does), and the others' at their next lease; the driver reads the reason."""
+        self._limiter.halt.remote(reason)
+        self._permits.exhausted = True
 
     def _pause_all(self, seconds: float) -> None:
         self._permits.pause(seconds)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from batchrun.errors import JobCannotSucceed
 from batchrun.mockserver import MockConfig, max_in_window, start_subprocess
 from batchrun.runner import RunOptions, run_job
-from batchrun.summary import percentile
+from batchrun.scheduler_state import _status_for
+from batchrun.summary import errors_line, exit_code, percentile, summarize
 from tests.conftest import make_prompts, write_spec
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(180)]
@@ -30,8 +37,9 @@ def results(out: Path) -> pa.Table:
 def test_non_retryable_errors_are_recorded_once(tmp_path: Path) -> None:
     make_prompts(tmp_path / "in.parquet", 60)
     with start_subprocess(MockConfig(unknown_models=("gone-model",))) as server:
+        # the breaker off: what every 404 row looks like once the endpoint is known to work
         spec = write_spec(tmp_path, endpoint={"base_url": server.base_url}, model="gone-model",
-                          price=0, limits=FAST)
+                          price=0, limits=FAST, retry={"max_attempts": 6, "breaker_requests": 0})
         summary = run_job(str(spec), QUIET)
         stats = server.stats()
     t = results(tmp_path / "out")
@@ -40,16 +48,108 @@ def test_non_retryable_errors_are_recorded_once(tmp_path: Path) -> None:
     assert stats["total_requests"] == 60 and summary.errors_by_type == {"http_404": 60}
 
 
-def test_wrong_key_is_401_and_not_retried(tmp_path: Path, monkeypatch) -> None:
-    make_prompts(tmp_path / "in.parquet", 20)
-    monkeypatch.setenv("T_WRONG_KEY", "not-the-key")
-    with start_subprocess(MockConfig(api_key="the-key")) as server:
+def written(out: Path) -> pa.Table:
+    """Every row on disk: final shard files and checkpoint parts."""
+    files = sorted((out / "results").glob("*.parquet")) + sorted(out.glob("parts/*/*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table(
+        {"id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+
+
+def _cli(spec: Path, env: dict[str, str], *extra: str) -> tuple[subprocess.CompletedProcess[str],
+                                                                 float]:
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "batchrun", "run", str(spec), "--address", address,
+           "--no-progress", *extra]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=170,
+                          env={**os.environ, **env})
+    return done, time.monotonic() - t0
+
+
+def test_wrong_key_stops_in_seconds_then_the_right_key_sends_every_row(tmp_path: Path) -> None:
+    n, wrong = 3000, "sk-wrong-0123456789abcdef"
+    make_prompts(tmp_path / "in.parquet", n)
+    with start_subprocess(MockConfig(api_key="sk-the-right-key")) as server:
         spec = write_spec(tmp_path, endpoint={"base_url": server.base_url,
-                                              "api_key_env": "T_WRONG_KEY"}, limits=FAST)
+                                              "api_key_env": "T_BREAKER_KEY"}, limits=FAST)
+        first, seconds = _cli(spec, {"T_BREAKER_KEY": wrong})
+        sent = server.stats()["total_requests"]
+        lines = [ln for ln in first.stderr.splitlines() if "batchrun: error" in ln]
+        assert first.returncode == 7, first.stderr[-2000:]
+        assert len(lines) == 1, first.stderr[-2000:]
+        # one line: the status, the provider's message, the URL; never the key
+        for part in ("HTTP 401", "Incorrect API key", f"{server.base_url}/chat/completions"):
+            assert part in lines[0], lines[0]
+        assert wrong not in first.stderr + first.stdout
+        assert sent < n // 10, sent  # stopped after a few dozen requests, not the input
+        assert seconds < 90, seconds  # Ray is already up: seconds, with a loaded machine
+        assert (pc.sum(pc.equal(written(tmp_path / "out")["status"], "error")).as_py()
+                or 0) == 0  # nothing recorded as an error: the rerun sends those rows
+        second, _ = _cli(spec, {"T_BREAKER_KEY": "sk-the-right-key"})
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert server.stats()["ok"] == n
+    t = results(tmp_path / "out")
+    assert t.num_rows == n and set(t["status"].to_pylist()) == {"ok"}
+
+
+def test_base_url_without_v1_stops_on_404(tmp_path: Path) -> None:
+    make_prompts(tmp_path / "in.parquet", 400)
+    with start_subprocess(MockConfig()) as server:
+        root = server.base_url.removesuffix("/v1")
+        spec = write_spec(tmp_path, endpoint={"base_url": root}, limits=FAST)
+        with pytest.raises(JobCannotSucceed) as stop:
+            run_job(str(spec), QUIET)
+        sent = server.stats()["total_requests"]
+    assert stop.value.exit_code == 7
+    assert "HTTP 404" in str(stop.value) and f"{root}/chat/completions" in str(stop.value)
+    assert "\n" not in str(stop.value) and sent < 100, sent
+
+
+def test_dead_port_stops_on_connection_refused(tmp_path: Path) -> None:
+    make_prompts(tmp_path / "in.parquet", 400)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    spec = write_spec(tmp_path, endpoint={"base_url": f"http://127.0.0.1:{port}/v1"},
+                      limits=FAST)
+    with pytest.raises(JobCannotSucceed) as stop:
         run_job(str(spec), QUIET)
-        stats = server.stats()
-    assert set(results(tmp_path / "out")["error_type"].to_pylist()) == {"http_401"}
-    assert stats["total_requests"] == 20
+    assert "connection refused" in str(stop.value) and f"127.0.0.1:{port}" in str(stop.value)
+    assert written(tmp_path / "out").num_rows == 0  # every row left for the rerun
+
+
+def test_error_rate_above_max_stops_and_a_rerun_sends_only_the_rest(tmp_path: Path) -> None:
+    n = 2000
+    make_prompts(tmp_path / "in.parquet", n)
+    retry = {"max_attempts": 1, "max_error_rate": 0.5}
+    with start_subprocess(MockConfig(fail_rate=0.7, latency_ms=50, seed=1)) as server:
+        spec = write_spec(tmp_path, endpoint={"base_url": server.base_url}, retry=retry,
+                          flush_rows=50, limits={"rpm": 100_000, "max_concurrency": 16})
+        with pytest.raises(JobCannotSucceed) as stop:
+            run_job(str(spec), QUIET)
+        sent = server.stats()["total_requests"]
+    assert "max_error_rate 50%" in str(stop.value) and "http_500" in str(stop.value)
+    kept = written(tmp_path / "out")
+    assert 200 <= kept.num_rows <= sent < n * 0.6, (kept.num_rows, sent)
+    with start_subprocess(MockConfig()) as server:  # the provider recovered
+        spec = write_spec(tmp_path, endpoint={"base_url": server.base_url}, retry=retry,
+                          flush_rows=50, limits={"rpm": 100_000, "max_concurrency": 16})
+        summary = run_job(str(spec), QUIET)
+        again = server.stats()["total_requests"]
+    assert again == n - len(set(kept["id"].to_pylist()))  # answered rows were kept
+    assert summary.rows == n and summary.errors > 0  # the old errors stay until --retry-errors
+
+
+def test_error_rate_below_max_finishes_with_exit_6_and_counts_them(tmp_path: Path) -> None:
+    make_prompts(tmp_path / "in.parquet", 400)
+    spec = write_spec(tmp_path, limits=FAST, retry={"max_attempts": 1},
+                      simulate={"fail_rate": 0.2, "seed": 3})
+    done, _ = _cli(spec, {})
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert done.returncode == 6, done.stderr[-2000:]
+    assert 40 < summary["errors"] < 120 and summary["rows"] == 400
+    assert f"{summary['errors']:,} of 400 rows ended in error" in done.stderr
+    assert "--retry-errors" in done.stderr
 
 
 def test_requests_overlap_instead_of_one_by_one(tmp_path: Path) -> None:
@@ -148,13 +248,18 @@ def test_batch_mode_through_the_runner_with_online_fallback(tmp_path: Path) -> N
 
 def test_batch_no_wait_exits_pending_then_collects(tmp_path: Path) -> None:
     make_prompts(tmp_path / "in.parquet", 40)
-    spec = write_spec(tmp_path, mode="batch", limits=FAST,
-                      batch={"max_requests_per_file": 20, "poll_interval_s": 0.5},
-                      simulate={"batch_delay_s": 0.5})
-    cli = [sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"]
-    first = subprocess.run([*cli, "--no-wait"], capture_output=True, text=True, timeout=60)
-    assert first.returncode == 10, first.stderr[-1500:]
-    assert "pending" in first.stderr
+    # a provider that outlives the command (--no-wait with simulate: is refused)
+    with start_subprocess(MockConfig(batch_delay_s=1.0)) as server:
+        spec = write_spec(tmp_path, mode="batch", limits=FAST,
+                          endpoint={"base_url": server.base_url},
+                          batch={"max_requests_per_file": 20, "poll_interval_s": 0.5})
+        first, _ = _cli(spec, {}, "--no-wait")
+        assert first.returncode == 10, first.stderr[-1500:]
+        assert "pending" in first.stderr
+        second, _ = _cli(spec, {})
+        assert second.returncode == 0, second.stderr[-1500:]
+    t = results(tmp_path / "out")
+    assert t.num_rows == 40 and set(t["status"].to_pylist()) == {"ok"}
 
 
 def test_structured_output_online_with_typed_columns(tmp_path: Path) -> None:
@@ -176,6 +281,20 @@ def test_structured_output_online_with_typed_columns(tmp_path: Path) -> None:
     assert set(ok["label"].to_pylist()) <= {"pos", "neg"}
     assert summary.ok + summary.errors_by_type.get("invalid_output", 0) == 80
     assert int(pc.sum(t["attempts"]).as_py()) > 80  # invalid answers were retried
+
+
+def test_exit_code_precedence_and_the_scheduler_counts_6_and_7_as_failed() -> None:
+    s = summarize([], job="j", wall_s=1.0, run_started=datetime.now(UTC), total_rows=5)
+    assert exit_code(s) == 0 and errors_line(s) is None
+    err = s.model_copy(update={"rows": 5, "errors": 2, "errors_by_type": {"http_500": 2}})
+    assert exit_code(err) == 6
+    assert errors_line(err, "batchrun run j.yaml") == (
+        "2 of 5 rows ended in error (http_500 2); `batchrun run j.yaml --retry-errors` "
+        "re-sends them")
+    assert exit_code(err.model_copy(update={"budget_exhausted": True})) == 4
+    assert exit_code(err.model_copy(update={"budget_exhausted": True,
+                                            "pending_batches": 1})) == 10
+    assert _status_for(6) == _status_for(7) == "failed"
 
 
 def test_percentile_is_linear_interpolation() -> None:

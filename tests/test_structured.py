@@ -422,3 +422,31 @@ def test_official_openai_client_accepts_json_schema_answers() -> None:
             model=MODEL, messages=[{"role": "user", "content": "who?"}],
             response_format=Address, max_tokens=400)
         assert isinstance(parsed.choices[0].message.parsed, Address)
+
+
+def test_invalid_output_row_keeps_the_last_answer_it_paid_for() -> None:
+    s = load({"json_schema": PERSON})
+    v = jsonschema.Draft202012Validator(PERSON)
+    with start_in_thread(MockConfig(invalid_json_rate=0.5, truncate_rate=0.5, seed=5)) as server:
+        records = asyncio.run(_run_rows(server.base_url, s, 30, attempts=2))
+    assert {(r["status"], r["error_type"]) for r in records} == {("error", "invalid_output")}
+    kinds = set()
+    for r in records:
+        text = r["response"]
+        assert text, r  # the refused answer is kept, beside the reason it was refused
+        assert r["completion_tokens"] > 0 and r["finish_reason"] is not None
+        if r["finish_reason"] == "length":
+            kinds.add("truncated")
+            assert "truncated" in r["error_message"]
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError:
+            kinds.add("not json")
+            assert "not JSON" in r["error_message"]
+            continue
+        kinds.add("breaks schema")
+        assert not v.is_valid(value) and "breaks the schema" in r["error_message"]
+    assert kinds == {"truncated", "not json", "breaks schema"}
+    # and it fits the results schema (response is a column of every row)
+    pa.Table.from_pylist(records, schema=result_schema(None, extra=s.result_fields()))

@@ -28,6 +28,7 @@ from rich.table import Column, Table
 
 from batchrun.cli import clean_errors, err_console
 from batchrun.errors import ClusterError, UserError
+from batchrun.ray_cluster import NoClusterError
 from batchrun.spec import JobSpec, load_spec
 
 __all__ = [
@@ -140,21 +141,35 @@ def _token_mode() -> None:
         AuthenticationTokenLoader.instance().reset_cache()
 
 
-def _connect(address: str | None) -> None:
-    addr = address or os.environ.get("RAY_ADDRESS") or "auto"
+def _cluster_address(address: str | None, spec: JobSpec) -> str:
+    """Where to join: --address, else the cluster the job's running driver recorded, else
+    RAY_ADDRESS, else the one cluster on this machine. Never "auto" (Ray would join any of
+    several local clusters by chance), never a fresh local Ray."""
+    from batchrun.ray_cluster import local_cluster, recorded_cluster
+
+    if address and address != "auto":
+        return address
+    return recorded_cluster(spec.output) or os.environ.get("RAY_ADDRESS") or local_cluster()
+
+
+def _connect(address: str | None, spec: JobSpec) -> None:
+    """Join the job's Ray cluster as a driver and print its address."""
+    addr = _cluster_address(address, spec)
     if "://" in addr and not addr.startswith("ray://"):
         raise UserError(f"--address {addr}: status/stop of a spec join the cluster as a driver; "
                         "give auto or HEAD:6379, not the dashboard URL")
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return
-    _token_mode()
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        _token_mode()
+        import ray
+
+        try:
+            ray.init(address=addr, namespace="batchrun", log_to_driver=False,
+                     logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ClusterError(f"cannot join the Ray cluster at {addr}: {e}") from e
     import ray
 
-    try:
-        ray.init(address=addr, namespace="batchrun", log_to_driver=False,
-                 logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClusterError(f"cannot join the Ray cluster at {addr}: {e}") from e
+    out.print(f"ray cluster: {ray.get_runtime_context().gcs_address}")
 
 
 def _named_actors(spec: JobSpec) -> dict[str, Any]:
@@ -213,6 +228,12 @@ def _print_live(spec: JobSpec, disk: dict[str, Any], live: dict[str, Any]) -> No
     out.print(f"  spend:     ${live['cost_usd']:.4f} this run")
 
 
+def _disk_line(spec: JobSpec, disk: dict[str, Any]) -> str:
+    total = disk["total"]
+    return (f"{disk['on_disk']:,} / {'?' if total is None else f'{total:,}'} rows on disk "
+            f"in {spec.output}")
+
+
 def _print_idle(spec: JobSpec, disk: dict[str, Any]) -> None:
     total = disk["total"]
     state = "COMPLETE" if total is not None and disk["on_disk"] >= total else "NOT RUNNING"
@@ -247,7 +268,11 @@ def status_command(
         return _job_status(target, address)
     spec = load_spec(target, ds=ds)
     disk = disk_progress(spec)
-    _connect(address)
+    try:
+        _connect(address, spec)
+    except NoClusterError as e:  # one line: the job cannot be running
+        raise NoClusterError(f"job {spec.name} is not running: {e}; {_disk_line(spec, disk)}"
+                             ) from None
     live = actor_progress(spec)
     if live is None:
         _print_idle(spec, disk)
@@ -277,7 +302,10 @@ def logs_command(
 def _stop_spec(spec: JobSpec, address: str | None) -> None:
     import ray
 
-    _connect(address)
+    try:
+        _connect(address, spec)
+    except NoClusterError as e:
+        raise NoClusterError(f"job {spec.name}: nothing to stop: {e}") from None
     actors = _named_actors(spec)
     for actor in actors.values():
         ray.kill(actor, no_restart=True)  # no restart: the driver then fails, actors lost

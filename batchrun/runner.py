@@ -42,6 +42,7 @@ from batchrun.errors import ClusterError, UserError
 from batchrun.limiter import BudgetConfig, RateLimiter, limiter_name
 from batchrun.metrics import JobMetrics
 from batchrun.pricing import ModelPrice, price_for, worst_case_usd
+from batchrun.ray_cluster import record_cluster
 from batchrun.resume import check_fingerprint, refuse_duplicates
 from batchrun.shards import Shard, carry_schema, plan_shards, validate_input
 from batchrun.spec import JobSpec, load_spec, resolve_api_key
@@ -106,8 +107,12 @@ def _job_config() -> JobConfig:
 
 
 def _connect(opts: RunOptions, spec: JobSpec) -> tuple[float, bool]:
-    """Join or start Ray; returns (seconds taken, whether we started it)."""
+    """Join or start Ray; returns (seconds taken, whether we started it).
+
+    The cluster's address goes into the output folder: `batchrun status/stop JOB.yaml`
+    from another terminal join that cluster (Ray records a local ray.init() nowhere)."""
     if ray.is_initialized():
+        record_cluster(spec.output, started=False)
         return 0.0, False
     t0 = time.monotonic()
     address = opts.address or os.environ.get("RAY_ADDRESS")
@@ -122,6 +127,7 @@ def _connect(opts: RunOptions, spec: JobSpec) -> tuple[float, bool]:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError) as e:
         raise ClusterError(f"cannot start or join Ray at {address or 'local'}: {e}") from e
+    record_cluster(spec.output, started=not address)
     return time.monotonic() - t0, True
 
 

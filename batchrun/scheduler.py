@@ -115,7 +115,9 @@ def load_jobs(jobs_dir: str | Path, *, strict: bool = True) -> list[ScheduledJob
             continue
         jobs[job.name] = job
     if not jobs and strict:
-        raise UserError(f"{folder}: no spec has a schedule; add schedule: {{cron: '0 2 * * *'}}")
+        names = ", ".join(p.name for p in files[:5]) + (", ..." if len(files) > 5 else "")
+        raise UserError(f"{folder}: none of its specs ({names}) has a schedule; add "
+                        "schedule: {cron: '0 2 * * *'} to a spec to run it nightly")
     return list(jobs.values())
 
 

@@ -11,6 +11,7 @@ This module is the one boundary where pyarrow errors about the input become
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrun.errors import InputDataError
+from batchrun.errors import InputDataError, SpecError
 from batchrun.spec import JobSpec
 
 __all__ = [
@@ -68,7 +69,8 @@ def carry_schema(spec: JobSpec, shards: list[Shard]) -> pa.Schema | None:
     """The types of the carried columns, from the first input file (all were checked)."""
     if not spec.carry_columns:
         return None
-    schema = pq.read_schema(shards[0].path)
+    # an empty input has no shards, but its files still have the columns' types
+    schema = pq.read_schema(shards[0].path if shards else input_files(spec)[0])
     return pa.schema([schema.field(c) for c in spec.carry_columns])
 
 
@@ -119,8 +121,35 @@ def _check_type(path: str, name: str, typ: pa.DataType, want: str) -> None:
             )
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _output_is_input(spec: JobSpec) -> bool:
+    """Whether the results would be read back as input by the next run."""
+    out = os.path.realpath(spec.output)
+    src = spec.input
+    if not any(ch in src for ch in "*?["):
+        return os.path.isdir(src) and _inside(out, os.path.realpath(src))
+    root = _root_of(spec)
+    if not _inside(out, os.path.realpath(root)):
+        return False
+    if "**" in src:
+        return True
+    # a glob without ** matches files at one depth only: does it match a results file?
+    pattern = Path(os.path.realpath(root), src[len(root):].lstrip(os.sep)).parts
+    for sample in ("results/shard-000000.parquet", "parts/shard-000000/part-0.parquet"):
+        parts = Path(out, sample).parts
+        if len(parts) == len(pattern) and all(map(fnmatch.fnmatchcase, parts, pattern)):
+            return True
+    return False
+
+
 def validate_input(spec: JobSpec) -> list[str]:
     """Check every input file has the columns the spec names, of the right types."""
+    if _output_is_input(spec):
+        raise SpecError(f"output: {spec.output} is inside the input {spec.input}: the next run "
+                        "would read its results as input; choose an output folder outside it")
     files = input_files(spec)
     for path in files:
         schema = _open(path).schema_arrow

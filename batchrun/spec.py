@@ -38,6 +38,21 @@ __all__ = [
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Prefixes of common keys that are also valid variable names (sk_live_..., hf_...).
+_KEY_PREFIXES = ("sk_", "hf_", "gsk_", "ghp_", "github_pat_", "AIza")
+
+
+def _looks_like_key(value: str) -> bool:
+    """True when ``api_key_env`` holds a key rather than an environment variable's name."""
+    if not _ENV_NAME_RE.fullmatch(value):  # sk-..., xai-..., anything with - . / + =
+        return True
+    if value.startswith(_KEY_PREFIXES) and len(value) >= 20:  # hf_token is a fine name
+        return True
+    # a long mix of lower case, upper case and digits is a token, not a variable name
+    mixed = (any(c.islower() for c in value) and any(c.isupper() for c in value)
+             and any(c.isdigit() for c in value))
+    return len(value) >= 32 and mixed
 
 
 class _Model(BaseModel):
@@ -62,6 +77,17 @@ class EndpointSpec(_Model):
     max_response_bytes: int = Field(
         4 * 1024 * 1024, gt=0, description="Answers larger than this are a row error."
     )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _check_key_env(cls, v: str | None) -> str | None:
+        # The message never repeats the value: it may be a pasted key.
+        if v is not None and _looks_like_key(v):
+            raise ValueError("holds something that is not an environment variable name (it "
+                             "looks like an API key; remove it from this file): write the "
+                             "NAME of the variable that holds the key, e.g. OPENAI_API_KEY, "
+                             "and export OPENAI_API_KEY=<your key>")
+        return v
 
     @field_validator("base_url")
     @classmethod
@@ -288,13 +314,34 @@ def _error_line(path: str, err: ValidationError) -> str:
     return f"{path}: {loc}: {msg}"
 
 
+def _spec_text(p: Path) -> str:
+    """The spec file's text; a folder, a data file or an unreadable file is one line."""
+    if p.is_dir():
+        specs = sorted(str(f) for f in p.iterdir() if f.suffix in (".yaml", ".yml"))[:3]
+        hint = f": {', '.join(specs)}" if specs else ""
+        raise SpecError(f"{p}: is a folder, not a job spec; give one spec file{hint}")
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{p}: no such file; check the path of the job spec") from None
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read the job spec ({e.strerror or e})") from None
+    what = "Parquet data" if data[:4] == b"PAR1" else "a binary file"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        raise SpecError(f"{p}: is {what}, not a job spec (YAML); give the spec file, whose "
+                        "input: names the data")
+    return text
+
+
 def load_spec(path: str | Path, *, ds: date | str | None = None) -> JobSpec:
     """Read and validate a job spec; relative paths in it are taken from the spec's folder."""
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{p}: no such file; check the path of the job spec") from None
+        raw = yaml.safe_load(_spec_text(p))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

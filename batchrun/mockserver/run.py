@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -32,8 +33,8 @@ from aiohttp import web
 from batchrun.mockserver.app import STATE, build_app
 from batchrun.mockserver.config import API_KEY_ENV, MockConfig, add_arguments
 
-__all__ = ["MockProcess", "RunningServer", "main", "serve_forever", "start_in_thread",
-           "start_subprocess"]
+__all__ = ["ListenError", "MockProcess", "RunningServer", "main", "serve_forever",
+           "start_in_thread", "start_subprocess"]
 
 T = TypeVar("T")
 _BACKLOG = 2048  # benchmarks open hundreds of connections at once
@@ -155,9 +156,10 @@ class MockProcess:
     """A server in a child process; a context manager that terminates it."""
 
     def __init__(self, proc: subprocess.Popen[bytes], host: str, port: int,
-                 tmpdir: str) -> None:
+                 tmpdir: str, lifeline: int | None = None) -> None:
         self.proc, self.host, self.port = proc, host, port
         self._tmpdir = tmpdir  # holds the child's stderr; removed on terminate
+        self._lifeline = lifeline  # write end of the pipe the child watches
 
     @property
     def pid(self) -> int:
@@ -185,6 +187,9 @@ class MockProcess:
 
     def terminate(self, timeout: float = 10.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -218,19 +223,30 @@ def start_subprocess(config: MockConfig | None = None, host: str = "127.0.0.1",
     port_file = os.path.join(tmpdir, "port")
     stderr_path = os.path.join(tmpdir, "stderr")
     # the key goes through the child's environment, not its command line (`ps` shows that)
+    # The child dies with this process, even by kill -9: it stops when the pipe's write
+    # end, held only here (os.pipe fds are not inherited), closes.
+    watch, lifeline = os.pipe()
     argv = [sys.executable, "-m", "batchrun.mockserver",
             *dataclasses.replace(config, api_key=None).to_argv(),
-            "--host", host, "--port", "0", "--port-file", port_file]
+            "--host", host, "--port", "0", "--port-file", port_file,
+            "--parent-pipe", str(watch)]
     env = _child_env()
     env.pop(API_KEY_ENV, None)
     if config.api_key:
         env[API_KEY_ENV] = config.api_key
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err, env=env)
+    try:
+        with open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err, env=env, pass_fds=(watch,))
+    except BaseException:
+        os.close(lifeline)
+        raise
+    finally:
+        os.close(watch)
     deadline = time.monotonic() + deadline_s
     while not os.path.exists(port_file):  # written atomically once the socket listens
         if proc.poll() is not None or time.monotonic() > deadline:
+            os.close(lifeline)
             proc.kill()
             proc.wait()
             tail = Path(stderr_path).read_text(errors="replace")[-2000:]
@@ -239,7 +255,7 @@ def start_subprocess(config: MockConfig | None = None, host: str = "127.0.0.1",
         time.sleep(0.02)
     port = int(Path(port_file).read_text())
     os.unlink(port_file)
-    return MockProcess(proc, host, port, tmpdir)
+    return MockProcess(proc, host, port, tmpdir, lifeline)
 
 
 def _write_port_file(path: str, port: int) -> None:
@@ -248,14 +264,25 @@ def _write_port_file(path: str, port: int) -> None:
     os.replace(tmp, path)  # atomic: readers never see a half-written number
 
 
+class ListenError(Exception):
+    """The server could not listen on the address asked for (port in use, no such host)."""
+
+
 async def _serve_until_signalled(config: MockConfig, host: str, port: int,
-                                 port_file: str | None) -> None:
-    runner, _, bound = await _start_site(config, host, port)
+                                 port_file: str | None, parent_pipe: int | None = None) -> None:
+    try:
+        runner, _, bound = await _start_site(config, host, port)
+    except OSError as e:  # classified by errno, not by the message
+        why = ("the port is already in use; pick another with --port (0 picks a free one)"
+               if e.errno == errno.EADDRINUSE else (e.strerror or str(e)))
+        raise ListenError(f"cannot listen on {host}:{port}: {why}") from e
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    if parent_pipe is not None:  # readable (EOF) once the parent is gone, however it died
+        loop.add_reader(parent_pipe, stop.set)
     if port_file:
         _write_port_file(port_file, bound)
     print(f"mock provider listening on http://{host}:{bound}/v1", flush=True)
@@ -266,9 +293,10 @@ async def _serve_until_signalled(config: MockConfig, host: str, port: int,
 
 
 def serve_forever(config: MockConfig, host: str = "127.0.0.1", port: int = 0,
-                  port_file: str | None = None) -> None:
-    """Serve in the foreground until SIGTERM/SIGINT; writes the bound port to ``port_file``."""
-    asyncio.run(_serve_until_signalled(config, host, port, port_file))
+                  port_file: str | None = None, parent_pipe: int | None = None) -> None:
+    """Serve in the foreground until SIGTERM/SIGINT, or until ``parent_pipe`` (a pipe's
+    read end) reaches EOF; writes the bound port to ``port_file``."""
+    asyncio.run(_serve_until_signalled(config, host, port, port_file, parent_pipe))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,11 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--port-file", default=None, help="write the bound port here")
+    parser.add_argument("--parent-pipe", type=int, default=None, help=argparse.SUPPRESS)
     add_arguments(parser)
     ns = parser.parse_args(argv)
     try:
         config = MockConfig.from_namespace(ns)
     except ValueError as exc:
         parser.error(str(exc))
-    serve_forever(config, ns.host, ns.port, ns.port_file)
+    try:
+        serve_forever(config, ns.host, ns.port, ns.port_file, ns.parent_pipe)
+    except ListenError as e:
+        print(f"batchrun mock-server: error: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -1,47 +1,45 @@
-"""Pure helpers for commcheck: sizes, bandwidth math, tables, JSON/Parquet.
+"""The report of one commcheck run: sizes, bandwidth math, rows, failures and the verdict.
 
 Nothing here imports torch or Ray, so the CLI's ``--help`` and the report
 tests stay fast and run on machines without either.
+
+Exit codes (the verdict): 0 every check passed; 1 unhealthy (a check ran and
+found a fault: #wrong, a timeout, bandwidth below a threshold, a slow rank, a
+GPU health finding); 2 bad input; 3 could not run (no resources, a rank that
+failed to start or raised, a check that could not be made).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from batchrun.commcheck.collectives import OPS, ROOT
+
 __all__ = [
     "DTYPES",
-    "OOP_NOTE",
+    "EXIT_BAD_INPUT",
+    "EXIT_COULD_NOT_RUN",
+    "EXIT_PASS",
+    "EXIT_UNHEALTHY",
+    "Failure",
     "Report",
     "Row",
     "algbw_gbps",
     "avg_busbw",
-    "busbw_factor",
-    "busbw_gbps",
-    "check_is_exact",
-    "describe_lag",
-    "format_table",
-    "node_pairs",
     "parse_size",
     "size_list",
-    "write_json",
-    "write_parquet",
 ]
+
+EXIT_PASS, EXIT_UNHEALTHY, EXIT_BAD_INPUT, EXIT_COULD_NOT_RUN = 0, 1, 2, 3
+UNHEALTHY, COULD_NOT_RUN = "unhealthy", "could_not_run"
 
 # name -> (bytes per element, nccl-tests type name, mantissa bits incl. implicit one)
 DTYPES: dict[str, tuple[int, str, int]] = {
     "float32": (4, "float", 24),
     "bfloat16": (2, "bfloat16", 8),
 }
-
-OOP_NOTE = (
-    "out-of-place is timed as recv.copy_(send) + all_reduce(recv): torch's all_reduce is "
-    "in-place only, so the copy is part of the out-of-place time (nccl-tests reads sendbuff "
-    "and writes recvbuff inside the collective)"
-)
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
@@ -80,214 +78,162 @@ def algbw_gbps(size_bytes: int, seconds: float) -> float:
     return size_bytes / seconds / 1e9 if seconds > 0 else 0.0
 
 
-def busbw_factor(world_size: int) -> float:
-    """all_reduce bus factor 2(n-1)/n; 0 for one rank (there is no bus)."""
-    if world_size < 1:
-        raise ValueError(f"world size must be >= 1, got {world_size}")
-    return 2.0 * (world_size - 1) / world_size
-
-
-def busbw_gbps(algbw: float, world_size: int) -> float:
-    return algbw * busbw_factor(world_size)
-
-
-def check_is_exact(dtype: str, world_size: int) -> bool:
-    """Whether the sum 1+2+..+n is exactly representable (so #wrong is meaningful)."""
-    mantissa = DTYPES[dtype][2]
-    return world_size * (world_size + 1) // 2 <= 2**mantissa
-
-
-def node_pairs(nodes: list[str]) -> list[tuple[str, str]]:
-    """All pairs of distinct nodes, in order; empty for one node."""
-    return list(itertools.combinations(list(dict.fromkeys(nodes)), 2))
-
-
-def describe_lag(statuses: dict[int, dict[str, Any] | None], where: dict[int, str]) -> str:
-    """Name ranks that are behind the others (a hung rank never reaches the collective)."""
-    seen = {r: s for r, s in statuses.items() if s is not None}
-    parts = [f"rank {r} ({where.get(r, '?')}) gave no status"
-             for r, s in statuses.items() if s is None]
-    if seen:
-        low = min(s["seq"] for s in seen.values())
-        behind = sorted(r for r, s in seen.items() if s["seq"] == low)
-        if low < max(s["seq"] for s in seen.values()):
-            parts.append("behind: " + ", ".join(
-                f"rank {r} ({where.get(r, '?')}) at step {low} [{seen[r]['phase']}]"
-                for r in behind))
-        waiting = sorted(r for r in seen if r not in behind or len(behind) == len(seen))
-        parts.append("waiting: " + ", ".join(
-            f"rank {r} at step {seen[r]['seq']} [{seen[r]['phase']}]" for r in waiting))
-    return "; ".join(parts)
-
-
 @dataclass
 class Row:
-    """One size's result, already reduced over ranks (max time, summed #wrong)."""
+    """One (op, size) of one group, reduced over its ranks (max time, summed #wrong)."""
 
+    op: str
     size: int
     count: int
     type: str
     redop: str
-    oop_time_us: float
-    oop_algbw: float
-    oop_busbw: float
-    oop_wrong: int
-    ip_time_us: float
-    ip_algbw: float
-    ip_busbw: float
-    ip_wrong: int
+    root: int
+    oop_time_us: float | None = None
+    oop_algbw: float | None = None
+    oop_busbw: float | None = None
+    oop_wrong: int | None = None
+    ip_time_us: float | None = None  # None: N/A (alltoall, sendrecv) or not measured
+    ip_algbw: float | None = None
+    ip_busbw: float | None = None
+    ip_wrong: int | None = None
     copy_gbps: float | None = None
     group: str = "all"
+    status: str = "ok"  # ok | timeout | not run
+    oop_med_us: float | None = None  # median iteration
+    oop_min_us: float | None = None  # fastest iteration (the rank check ranks by it)
+    ranks: list[int] = field(default_factory=list)  # global ranks of the group, in order
+    rank_oop_us: list[float] = field(default_factory=list)  # each rank's own mean time
 
     @classmethod
-    def from_times(cls, size: int, dtype: str, world: int, oop_s: float, ip_s: float,
-                   wrong: tuple[int, int], copy_s: float | None = None,
-                   group: str = "all") -> Row:
-        oop_alg, ip_alg = algbw_gbps(size, oop_s), algbw_gbps(size, ip_s)
-        return cls(
-            size=size, count=size // DTYPES[dtype][0], type=DTYPES[dtype][1], redop="sum",
-            oop_time_us=oop_s * 1e6, oop_algbw=oop_alg, oop_busbw=busbw_gbps(oop_alg, world),
-            oop_wrong=wrong[0], ip_time_us=ip_s * 1e6, ip_algbw=ip_alg,
-            ip_busbw=busbw_gbps(ip_alg, world), ip_wrong=wrong[1],
-            copy_gbps=algbw_gbps(size, copy_s) if copy_s else None, group=group,
-        )
+    def empty(cls, op: str, size: int, dtype: str, world: int, status: str,
+              group: str = "all", ranks: list[int] | None = None) -> Row:
+        """A row with no figures: a size that timed out, or one never reached."""
+        elem = DTYPES[dtype][0]
+        layout = OPS[op].layout(size, world, elem)
+        return cls(op=op, size=layout.size, count=layout.count, type=DTYPES[dtype][1],
+                   redop=OPS[op].redop, root=ROOT if OPS[op].rooted else -1, group=group,
+                   status=status, ranks=list(ranks or []))
+
+    @classmethod
+    def measured(cls, result: dict[str, Any], dtype: str, world: int, group: str = "all",
+                 ranks: list[int] | None = None, rank_times: list[float] | None = None) -> Row:
+        """From a rank's reduced run_size answer (every rank of a group returns the same)."""
+        op, size = result["op"], int(result["size"])
+        row = cls.empty(op, size, dtype, world, "ok", group, ranks)
+        factor = OPS[op].factor(world)
+        row.oop_time_us, row.oop_med_us = result["oop_s"] * 1e6, result["oop_med_s"] * 1e6
+        row.oop_min_us = result["oop_min_s"] * 1e6
+        row.oop_algbw = algbw_gbps(row.size, result["oop_s"])
+        row.oop_busbw, row.oop_wrong = row.oop_algbw * factor, int(result["oop_wrong"])
+        if result.get("ip_s") is not None:
+            row.ip_time_us = result["ip_s"] * 1e6
+            row.ip_algbw = algbw_gbps(row.size, result["ip_s"])
+            row.ip_busbw, row.ip_wrong = row.ip_algbw * factor, result["ip_wrong"]
+        if result.get("copy_s"):
+            row.copy_gbps = algbw_gbps(row.size, result["copy_s"])
+        row.rank_oop_us = [t * 1e6 for t in rank_times or []]
+        return row
+
+    @property
+    def wrong(self) -> int:
+        return (self.oop_wrong or 0) + (self.ip_wrong or 0)
 
 
 def avg_busbw(rows: list[Row]) -> float:
-    """Mean of the out-of-place and in-place busbw over all sizes, like nccl-tests."""
-    values = [v for r in rows for v in (r.oop_busbw, r.ip_busbw)]
+    """Mean of the out-of-place and in-place busbw over measured sizes, like nccl-tests."""
+    values = [v for r in rows if r.status == "ok" for v in (r.oop_busbw, r.ip_busbw)
+              if v is not None]
     return sum(values) / len(values) if values else 0.0
+
+
+@dataclass
+class Failure:
+    check: str  # wrong, timeout, min_busbw, reference_busbw, rank_outlier, gpu_health, ...
+    kind: str  # unhealthy | could_not_run
+    reason: str
 
 
 @dataclass
 class Report:
     settings: dict[str, Any]
     world_size: int
-    rows: list[Row] = field(default_factory=list)
-    pairwise: list[Row] = field(default_factory=list)
+    ops: list[str] = field(default_factory=lambda: ["all_reduce"])
+    rows: list[Row] = field(default_factory=list)  # the whole group
+    groups: list[Row] = field(default_factory=list)  # ring, per node, without a rank
+    pairwise: list[Row] = field(default_factory=list)  # node pairs
     ranks: list[dict[str, Any]] = field(default_factory=list)
     topology: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    health: list[dict[str, Any]] = field(default_factory=list)  # one evaluation per GPU
+    node_gpus: list[dict[str, Any]] = field(default_factory=list)  # count per node
+    rank_check: dict[str, Any] | None = None
+    localisation: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    error: str | None = None
+    failures: list[Failure] = field(default_factory=list)
     min_busbw: float | None = None
+
+    def fail(self, check: str, reason: str, kind: str = UNHEALTHY) -> None:
+        self.failures.append(Failure(check, kind, reason))
+
+    def op_rows(self, op: str) -> list[Row]:
+        return [r for r in self.rows if r.op == op]
+
+    def avg_busbw_of(self, op: str) -> float:
+        return avg_busbw(self.op_rows(op))
 
     @property
     def avg_busbw(self) -> float:
-        return avg_busbw(self.rows)
+        """Average busbw of the first op (the only one unless --op names several)."""
+        return self.avg_busbw_of(self.ops[0]) if self.ops else 0.0
 
     @property
     def wrong(self) -> int:
-        return sum(r.oop_wrong + r.ip_wrong for r in self.rows + self.pairwise)
+        return sum(r.wrong for r in self.rows + self.groups + self.pairwise)
+
+    def all_failures(self) -> list[Failure]:
+        """Failures recorded during the run plus those the rows imply."""
+        found = list(self.failures)
+        for r in self.rows + self.groups + self.pairwise:
+            if r.wrong:
+                found.append(Failure("wrong", UNHEALTHY, f"{r.op} {r.size} B (group {r.group}): "
+                                     f"{r.wrong} wrong values"))
+        if self.min_busbw is not None:
+            for op in self.ops:
+                avg = self.avg_busbw_of(op)
+                if self.op_rows(op) and avg < self.min_busbw:
+                    found.append(Failure("min_busbw", UNHEALTHY, f"{op}: avg busbw "
+                                         f"{avg:.3f} GB/s is below --min-busbw {self.min_busbw:g}"))
+        if not any(r.status == "ok" for r in self.rows):
+            found.append(Failure("no_rows", COULD_NOT_RUN, "no size was measured"))
+        return found
+
+    @property
+    def status(self) -> str:
+        """pass, unhealthy (a fault was found) or could_not_run; a found fault wins."""
+        kinds = {f.kind for f in self.all_failures()}
+        if UNHEALTHY in kinds:
+            return UNHEALTHY
+        return COULD_NOT_RUN if kinds else "pass"
 
     @property
     def passed(self) -> bool:
-        if self.error is not None or self.wrong or not self.rows:
-            return False
-        return self.min_busbw is None or self.avg_busbw >= self.min_busbw
+        return self.status == "pass"
+
+    @property
+    def exit_code(self) -> int:
+        return {"pass": EXIT_PASS, UNHEALTHY: EXIT_UNHEALTHY}.get(self.status, EXIT_COULD_NOT_RUN)
+
+    @property
+    def error(self) -> str | None:
+        """The could-not-run and timeout reasons in one line (None when there are none)."""
+        found = [f.reason for f in self.failures if f.kind == COULD_NOT_RUN or
+                 f.check == "timeout"]
+        return "; ".join(found) if found else None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(avg_busbw=self.avg_busbw, wrong=self.wrong, passed=self.passed)
+        data["failures"] = [asdict(f) for f in self.all_failures()]
+        data.update(avg_busbw={op: self.avg_busbw_of(op) for op in self.ops},
+                    wrong=self.wrong, passed=self.passed, status=self.status,
+                    exit_code=self.exit_code)
         return data
-
-
-def _rank_lines(report: Report) -> list[str]:
-    lines = []
-    for info in report.ranks:
-        device = info.get("gpu_name") or "cpu"
-        gpus = ",".join(str(g) for g in info.get("gpu_ids", [])) or "-"
-        node = info.get("node", info.get("node_ip", "?"))
-        lines.append(f"#  Rank {info['rank']:3d} Pid {info.get('pid', 0):7d} on "
-                     f"{info.get('hostname', '?')} ({node}) "
-                     f"gpu {gpus} [{device}]")
-    return lines
-
-
-def _header(report: Report, copy: bool) -> list[str]:
-    s = report.settings
-    extra = "   copy" if copy else ""
-    return [
-        f"# commcheck: op {s.get('op')} backend {s.get('backend')} launcher "
-        f"{s.get('launcher')} ranks {report.world_size} iters {s.get('iters')} "
-        f"warmup {s.get('warmup')}",
-        *_rank_lines(report),
-        "#",
-        f"#{'':50s}out-of-place{'':24s}in-place",
-        f"#{'size':>11s}{'count':>13s}{'type':>10s}{'redop':>7s}"
-        f"{'time':>9s}{'algbw':>8s}{'busbw':>8s}{'#wrong':>7s}"
-        f"{'time':>9s}{'algbw':>8s}{'busbw':>8s}{'#wrong':>7s}{extra}",
-        f"#{'(B)':>11s}{'(elements)':>13s}{'':17s}"
-        f"{'(us)':>9s}{'(GB/s)':>8s}{'(GB/s)':>8s}{'':7s}"
-        f"{'(us)':>9s}{'(GB/s)':>8s}{'(GB/s)':>8s}{'':7s}{'(GB/s)' if copy else ''}",
-    ]
-
-
-def _row_line(r: Row, copy: bool) -> str:
-    line = (f"{r.size:12d}{r.count:13d}{r.type:>10s}{r.redop:>7s}"
-            f"{r.oop_time_us:9.1f}{r.oop_algbw:8.2f}{r.oop_busbw:8.2f}{r.oop_wrong:7d}"
-            f"{r.ip_time_us:9.1f}{r.ip_algbw:8.2f}{r.ip_busbw:8.2f}{r.ip_wrong:7d}")
-    if copy:
-        line += f"{r.copy_gbps:8.1f}" if r.copy_gbps is not None else "       -"
-    return line
-
-
-def _table_rows(rows: list[Row], copy: bool) -> list[str]:
-    lines: list[str] = []
-    group = None
-    for r in rows:
-        if r.group != group and r.group != "all":
-            lines.append(f"# pair {r.group}")
-        group = r.group
-        lines.append(_row_line(r, copy))
-    return lines
-
-
-def _footer(report: Report) -> list[str]:
-    lines = [f"# Out of bounds values : {report.wrong} {'OK' if not report.wrong else 'FAILED'}",
-             f"# Avg bus bandwidth    : {report.avg_busbw:.3f}"]
-    if report.world_size == 1:
-        lines.append("# one rank: there is no bus, busbw is 0 by definition; a single GPU/rank "
-                     "checks set-up and correctness only, never link speed")
-    lines.append(f"# note: {OOP_NOTE}")
-    lines.extend(f"# note: {n}" for n in report.notes)
-    if report.env:
-        lines.append("# env: " + " ".join(f"{k}={v}" for k, v in sorted(report.env.items())))
-    if report.error:
-        lines.append(f"# error: {report.error}")
-    threshold = ("" if report.min_busbw is None
-                 else f" (min busbw {report.min_busbw:.3f} GB/s)")
-    lines.append(f"# {'PASS' if report.passed else 'FAIL'}{threshold}")
-    return lines
-
-
-def format_table(report: Report) -> str:
-    """nccl-tests-style table with header, per-size rows, and the summary footer."""
-    copy = any(r.copy_gbps is not None for r in report.rows)
-    lines = _header(report, copy) + _table_rows(report.rows, copy)
-    if report.pairwise:
-        lines.append("# pairwise (2 ranks, one per node)")
-        lines.extend(_table_rows(report.pairwise, copy=False))
-    return "\n".join(lines + _footer(report))
-
-
-def write_json(report: Report, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(report.to_dict(), fh, indent=2, default=str)
-        fh.write("\n")
-
-
-def write_parquet(report: Report, path: str) -> None:
-    """One row per (group, size) with run-level columns repeated, for nightly charts."""
-    import pyarrow as pa  # lazy: pyarrow is only needed for --out
-    import pyarrow.parquet as pq
-
-    run = {
-        "timestamp": report.settings.get("timestamp"), "world_size": report.world_size,
-        "backend": report.settings.get("backend"), "launcher": report.settings.get("launcher"),
-        "nodes": report.topology.get("nodes"), "avg_busbw": report.avg_busbw,
-        "passed": report.passed, "env": json.dumps(report.env, sort_keys=True),
-        "topology": json.dumps(report.topology, sort_keys=True, default=str),
-    }
-    records = [{**asdict(r), **run} for r in report.rows + report.pairwise]
-    pq.write_table(pa.Table.from_pylist(records), path)

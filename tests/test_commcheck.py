@@ -183,6 +183,16 @@ def test_more_ranks_than_the_cluster_has_is_bad_input(ray_local: None, args: lis
 
 
 @pytest.mark.timeout(60)
+def test_autoscale_skips_the_capacity_check_and_waits_for_the_bundles(ray_local: None) -> None:
+    result = CliRunner().invoke(app, ["--gpus", "9", "--backend", "gloo", "--autoscale",
+                                      "--reserve-timeout", "1"])
+    assert result.exit_code == 3, result.output  # could not run: no autoscaler here
+    assert "placement group not ready after 1s" in result.output
+    assert "CPU: requested 9, cluster has 4" in result.output
+    _assert_released()
+
+
+@pytest.mark.timeout(60)
 def test_health_with_gloo_says_no_gpu_and_runs_the_rest(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     result = CliRunner().invoke(app, ["--launcher", "local", "--gpus", "2", *SMALL,

@@ -272,6 +272,7 @@ def test_backend_defaults() -> None:
     (["--fault", "slow:x:20"], "malformed"),
     (["--fault", "slow:2:0"], "malformed"),
     (["--tolerance", "1.5"], "--tolerance"),
+    (["--reserve-timeout", "0"], "--reserve-timeout"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args: list[str], needle: str) -> None:
     result = CliRunner().invoke(app, ["--gpus", "2", "--backend", "gloo", *args])

@@ -72,8 +72,9 @@ def build_plan(gpus: int, *, min_bytes: str | None = None, max_bytes: str | None
     if gpus < 1 or kw["iters"] < 1 or kw["warmup"] < 0:
         raise ValueError("--gpus and --iters must be >= 1, --warmup >= 0")
     parse_fault(kw.get("fault"))
-    if float(kw.get("timeout_s", 1)) <= 0:
-        raise ValueError("--timeout must be > 0")
+    reserve = kw.get("reserve_timeout_s")
+    if float(kw.get("timeout_s", 1)) <= 0 or (reserve is not None and float(reserve) <= 0):
+        raise ValueError("--timeout and --reserve-timeout must be > 0")
     if kw.get("tolerance") is None:
         kw["tolerance"] = float(base["tolerance"])
     if not 0 < float(kw["tolerance"]) < 1:
@@ -133,8 +134,11 @@ def commcheck(
     iters: Annotated[int | None, typer.Option(help="Timed iterations per size (20).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Untimed iterations per size (5).")] = None,
     dtype: Annotated[str, typer.Option(help="float32|bfloat16")] = "float32",
-    timeout: Annotated[float, typer.Option(help="Seconds for the bundles, then for each "
-                       "size.")] = 120.0,
+    timeout: Annotated[float, typer.Option(help="Seconds for each size (and the bundles).")
+                       ] = 120.0,
+    reserve_timeout: Annotated[float | None, typer.Option(help="Seconds to wait for the "
+                               "bundles (default: --timeout; minutes with --autoscale).")
+                               ] = None,
     json_path: Annotated[str | None, typer.Option("--json", help="Write JSON here.")] = None,
     out: Annotated[str | None, typer.Option(help="Write Parquet here.")] = None,
     prometheus: Annotated[str | None, typer.Option(help="Write a Prometheus textfile here "
@@ -143,6 +147,9 @@ def commcheck(
     launcher: Annotated[str, typer.Option(help="ray|local")] = "ray",
     nccl_env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable.")] = None,
     address: Annotated[str | None, typer.Option(help="Existing Ray cluster.")] = None,
+    autoscale: Annotated[bool, typer.Option(help="The cluster adds nodes on demand: skip "
+                         "the capacity check, the reservation starts them (raise --reserve-timeout)."
+                         )] = False,
     cpus_per_rank: Annotated[float, typer.Option(help="CPUs in each bundle.")] = 1.0,
     copy_baseline: Annotated[bool | None, typer.Option(
         "--copy-baseline/--no-copy-baseline", help="Time tensor.copy_ too (default: 1 rank).")
@@ -160,7 +167,8 @@ def commcheck(
                           copy_baseline=copy_baseline, pairwise=pairwise, min_busbw=min_busbw,
                           fault=fault, health=False if gloo_health else health,
                           rank_check=rank_check, tolerance=tolerance,
-                          gpus_per_node=gpus_per_node)
+                          gpus_per_node=gpus_per_node, autoscale=autoscale,
+                          reserve_timeout_s=reserve_timeout)
     except ValueError as exc:
         raise _fail_input(str(exc)) from None
     if importlib.util.find_spec("torch") is None:

@@ -202,7 +202,7 @@ class Driver:
 
     # ---- nodes ------------------------------------------------------------------------
     def localise(self) -> None:
-        triggered = any(f.check in _TRIGGERS for f in self.report.failures)
+        triggered = any(f.check in _TRIGGERS for f in self.report.all_failures())
         if len(self.nodes) < 2:
             if self.plan.pairwise:
                 self.report.notes.append("pairwise: one node, nothing extra to run")

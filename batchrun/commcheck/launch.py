@@ -95,11 +95,11 @@ def check_capacity(plan: Plan, total: dict[str, float]) -> None:
     """More ranks than the cluster could ever hold is bad input, said before reserving."""
     gpus, cpus = total.get("GPU", 0), total.get("CPU", 0)
     if plan.backend == "nccl" and not gpus:
-        raise BadInput("--backend nccl needs GPUs and the Ray cluster has none "
-                       "(use --backend gloo for CPU-only clusters)")
+        raise BadInput("--backend nccl needs GPUs and the Ray cluster has none (use --backend "
+                       "gloo for CPU-only clusters, --autoscale if it adds GPU nodes on demand)")
     if plan.backend == "nccl" and plan.world > gpus:
-        raise BadInput(f"--gpus {plan.world}: the Ray cluster has {gpus:g} GPU(s); "
-                       f"ask for at most {gpus:g}")
+        raise BadInput(f"--gpus {plan.world}: the Ray cluster has {gpus:g} GPU(s); ask for "
+                       f"at most {gpus:g} (or pass --autoscale if it adds nodes on demand)")
     if plan.world * plan.cpus_per_rank > cpus:
         raise BadInput(f"--gpus {plan.world} x --cpus-per-rank {plan.cpus_per_rank:g} needs "
                        f"{plan.world * plan.cpus_per_rank:g} CPUs; the Ray cluster has {cpus:g}")
@@ -126,9 +126,9 @@ def _wait_pg(pg: Any, bundles: list[dict[str, float]], plan: Plan) -> None:
     from ray.exceptions import GetTimeoutError
 
     try:
-        ray.get(pg.ready(), timeout=plan.timeout_s)
+        ray.get(pg.ready(), timeout=plan.reserve_s)
     except GetTimeoutError:
-        raise CommCheckError(f"placement group not ready after {plan.timeout_s:g}s: "
+        raise CommCheckError(f"placement group not ready after {plan.reserve_s:g}s: "
                              + _missing_resources(bundles, plan.strategy)) from None
 
 
@@ -150,10 +150,10 @@ def _bundle_order(pg: Any, plan: Plan) -> list[int]:
     refs = [where.options(**_resource_opts(plan), scheduling_strategy=(
         PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))).remote()
         for i in range(plan.world)]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=plan.timeout_s)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=plan.reserve_s)
     if len(ready) < len(refs):
         late = [i for i, r in enumerate(refs) if r not in ready]
-        raise CommCheckError(f"bundles {late} did not start a task within {plan.timeout_s:g}s "
+        raise CommCheckError(f"bundles {late} did not start a task within {plan.reserve_s:g}s "
                              "(workers still starting, or the nodes are unreachable)")
     found = ray.get(refs, timeout=plan.timeout_s)
 
@@ -230,7 +230,8 @@ def run_ray(plan: Plan, address: str | None = None) -> Report:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     report = new_report(plan, "ray")
     try:
-        check_capacity(plan, ray.cluster_resources())
+        if not plan.autoscale:  # an autoscaler starts nodes for the placement group instead
+            check_capacity(plan, ray.cluster_resources())
         bundles = [_bundle(plan) for _ in range(plan.world)]
         pg = placement_group(bundles, strategy=plan.strategy, name="batchrun:commcheck")
         try:

@@ -59,6 +59,12 @@ class Plan:
     tolerance: float = 0.25  # how far below the median a rank or node must be to be named
     gpus_per_node: int | None = None  # expected GPU count per node (health)
     health_opts: dict[str, Any] = field(default_factory=dict)
+    autoscale: bool = False  # the cluster adds nodes on demand: no capacity check up front
+    reserve_timeout_s: float | None = None  # wait for the bundles (default: timeout_s)
+
+    @property
+    def reserve_s(self) -> float:
+        return self.timeout_s if self.reserve_timeout_s is None else self.reserve_timeout_s
 
     @property
     def op(self) -> str:

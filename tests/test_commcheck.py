@@ -211,6 +211,9 @@ def test_local_launcher_two_gloo_processes_and_one_rank() -> None:
     assert report.rows[0].oop_busbw == pytest.approx(report.rows[0].oop_algbw)
     single = run_local(_plan(1, sizes=SIZES[:2], pairwise=True, ops=["all_reduce",
                                                                      "sendrecv"]))
+    tiny = run_local(_plan(2, sizes=[4, 1024], ops=["all_gather"]))
+    assert [r.size for r in tiny.rows] == [1024] and tiny.passed, format_table(tiny)
+    assert "all_gather: 4 B is less than one element per rank for 2 ranks" in tiny.notes[0]
     assert single.passed and single.avg_busbw == 0.0
     assert [r.op for r in single.rows] == ["all_reduce", "all_reduce"]
     assert all(r.copy_gbps is not None and r.copy_gbps > 0 for r in single.rows)

@@ -148,8 +148,8 @@ def commcheck(
     nccl_env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable.")] = None,
     address: Annotated[str | None, typer.Option(help="Existing Ray cluster.")] = None,
     autoscale: Annotated[bool, typer.Option(help="The cluster adds nodes on demand: skip "
-                         "the capacity check, the reservation starts them (raise --reserve-timeout)."
-                         )] = False,
+                         "the capacity check; the reservation starts them (see "
+                         "--reserve-timeout).")] = False,
     cpus_per_rank: Annotated[float, typer.Option(help="CPUs in each bundle.")] = 1.0,
     copy_baseline: Annotated[bool | None, typer.Option(
         "--copy-baseline/--no-copy-baseline", help="Time tensor.copy_ too (default: 1 rank).")

@@ -28,7 +28,7 @@ from batchrun.commcheck.localize import (
 )
 from batchrun.commcheck.plan import Plan
 from batchrun.commcheck.ranks import RankFailed, Ranks, RankTimeout
-from batchrun.commcheck.report import COULD_NOT_RUN, Report, Row, algbw_gbps
+from batchrun.commcheck.report import COULD_NOT_RUN, DTYPES, Report, Row, algbw_gbps
 
 __all__ = ["Driver", "Group"]
 
@@ -84,7 +84,9 @@ class Driver:
         self._open(groups)
         todo = [(op, size) for op in ops for size in sizes]
         for i, (op, size) in enumerate(todo):
-            live = [g for g in groups if len(g.ranks) >= OPS[op].min_ranks()]
+            live = [g for g in groups if self._fits(op, size, len(g.ranks))]
+            if not live:
+                continue
             calls = {r: ("run_size", (op, size, self.plan.bench_plan()))
                      for g in live for r in g.ranks}
             try:
@@ -99,10 +101,17 @@ class Driver:
                                          g.name, g.ranks,
                                          [answers[r]["own_oop_s"] for r in g.ranks]))
         self.ranks.call({r: ("teardown", ()) for g in groups for r in g.ranks}, _TEARDOWN_S)
-        skipped = sorted({op for op in ops for g in groups
-                          if len(g.ranks) < OPS[op].min_ranks()})
-        for op in skipped:
-            self.report.notes.append(f"{op} needs 2 ranks: not run on a group of one")
+    def _fits(self, op: str, size: int, n: int) -> bool:
+        """Whether the op runs at this size on n ranks; if not, the report says why, once."""
+        if n < OPS[op].min_ranks():
+            note = f"{op} needs 2 ranks: not run on a group of one"
+        elif OPS[op].layout(size, n, DTYPES[self.plan.dtype][0]).count == 0:
+            note = f"{op}: {size} B is less than one element per rank for {n} ranks: skipped"
+        else:
+            return True
+        if note not in self.report.notes:
+            self.report.notes.append(note)
+        return False
 
     def _empty(self, op: str, size: int, g: Group, status: str) -> Row:
         return Row.empty(op, size, self.plan.dtype, len(g.ranks), status, g.name, g.ranks)

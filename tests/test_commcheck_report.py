@@ -24,6 +24,7 @@ from batchrun.commcheck.collectives import (
     send_chunk,
 )
 from batchrun.commcheck.export import prometheus_text, write_json, write_parquet
+from batchrun.commcheck.launch import check_capacity
 from batchrun.commcheck.localize import (
     describe_lag,
     node_pairs,
@@ -31,6 +32,7 @@ from batchrun.commcheck.localize import (
     pair_scores,
     round_robin,
 )
+from batchrun.commcheck.plan import BadInput
 from batchrun.commcheck.report import (
     Report,
     Row,
@@ -257,6 +259,16 @@ def test_backend_defaults() -> None:
     pre = build_plan(8, backend="nccl", preflight=True)
     assert pre.ops == list(OP_NAMES) and pre.health and pre.do_rank_check
     assert max(pre.sizes) == 256 << 20 and pre.iters == 10
+
+
+def test_capacity_check_says_how_many_exist() -> None:
+    nccl = build_plan(9, backend="nccl")
+    with pytest.raises(BadInput, match=r"--gpus 9: the Ray cluster has 8 GPU\(s\); ask for at "
+                       r"most 8"):
+        check_capacity(nccl, {"GPU": 8.0, "CPU": 64.0})
+    with pytest.raises(BadInput, match="needs GPUs and the Ray cluster has none"):
+        check_capacity(nccl, {"CPU": 64.0})
+    check_capacity(build_plan(8, backend="nccl"), {"GPU": 8.0, "CPU": 64.0})  # fits: no error
 
 
 @pytest.mark.parametrize(("args", "needle"), [

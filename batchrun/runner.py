@@ -296,6 +296,10 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     store.check_writable()
     check_fingerprint(spec, files, force=opts.force,
                       schema=structured.schema if structured else None)
+    if spec.mode == "online":  # rows of an open batch would be paid twice
+        from batchrun.batch.state import refuse_open_batches
+
+        refuse_open_batches(spec)
     return _Job(spec, shards, sum(s.num_rows for s in shards), store, structured)
 
 
@@ -332,7 +336,8 @@ def _run_batch(job: _Job, spec: JobSpec, opts: RunOptions) -> tuple[int, int, bo
     out = run_batch_job(spec, wait=opts.wait, retry_errors=opts.retry_errors,
                         check=s.check if s else None,
                         extra_body=s.request_fields() if s else None,
-                        extra_fields=s.result_fields() if s else None)
+                        extra_fields=s.result_fields() if s else None,
+                        force=opts.force, schema=s.schema if s else None)
     return out.pending, out.fallback_rows, out.budget_exhausted
 
 

@@ -25,6 +25,7 @@ from batchrun.batch.run import CRASH_HOOK_ENV, batch_status, cancel_batches
 from batchrun.client import Completion
 from batchrun.errors import RetryableError, UserError
 from batchrun.mockserver import MockConfig, answer_for, start_in_thread, start_subprocess
+from batchrun.shards import plan_shards
 from batchrun.spec import JobSpec, load_spec
 from batchrun.summary import summarize
 from batchrun.writer import ResultsStore
@@ -93,7 +94,7 @@ def test_three_chunks_line_errors_and_an_expired_batch(tmp_path: Path) -> None:
     assert sum(r["completion_tokens"] for r in rows) == stats["completion_tokens_billed"]
     store_files = ResultsStore(spec.output, pq.read_schema(
         next((Path(spec.output) / "results").glob("*.parquet")))).result_files()
-    assert len(store_files) == 3  # one per shard of 40 rows
+    assert len(store_files) == len(plan_shards(spec))  # one per shard
     s = summarize(store_files, job=spec.name, wall_s=1.0,
                   run_started=datetime(2000, 1, 1, tzinfo=UTC), total_rows=90)
     assert s.rows == 90 and s.ok == 90 and s.cost_usd > 0
@@ -263,6 +264,6 @@ def test_fallback_online_leaves_failed_rows_unanswered(tmp_path: Path) -> None:
     assert len(out.batches) == 3  # no retry batches: the online path takes those rows
     store = ResultsStore(spec.output, pq.read_schema(
         next((Path(spec.output) / "parts").glob("*/*.parquet"))))
-    shards = [f"shard-{i:06d}" for i in range(3)]
+    shards = [s.name for s in plan_shards(spec)]
     answered = sum(len(store.answered_ids(s, redo_errors=False)) for s in shards)
     assert answered == 90 - out.fallback_rows == stats["ok"]

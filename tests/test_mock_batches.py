@@ -141,3 +141,18 @@ def test_auth_and_bad_requests(server: RunningServer) -> None:
     with pytest.raises(openai.BadRequestError):
         client.batches.create(input_file_id="file-missing", endpoint="/v1/chat/completions",
                               completion_window="24h")
+
+
+@pytest.mark.parametrize("server", [{"batch_429_first": 2, "batch_retry_after_s": 3}],
+                         indirect=True)
+def test_key_limit_answers_429_with_retry_after(server: RunningServer) -> None:
+    client = _client(server)
+    for _ in range(2):  # the first two calls, whichever route
+        with pytest.raises(openai.RateLimitError) as e:
+            client.batches.list()
+        assert e.value.response.headers["Retry-After"] == "3"
+    assert client.batches.list().data == []  # then served
+    refused = [r for r in server.records() if r["outcome"] == "rate_limited"]
+    assert [(r["status"], r["key"]) for r in refused] == [(429, "GET /v1/batches")] * 2
+    cfg = MockConfig(batch_429_first=2, batch_retry_after_s=3)
+    assert MockConfig.from_argv(cfg.to_argv()) == cfg  # the subprocess flags round-trip

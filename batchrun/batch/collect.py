@@ -87,8 +87,10 @@ def line_outcome(line: dict[str, Any] | None, batch_status: str) -> Completion |
         msg = f"{code}: {err.get('message') or ''}"[:300]
         cls = FatalRequestError if code.startswith("invalid") else RetryableError
         return cls(msg, error_type=code)
-    resp = line.get("response") or {}
-    status = int(resp.get("status_code") or 0)
+    resp = line.get("response")
+    status = resp.get("status_code") if isinstance(resp, dict) else None
+    if not isinstance(resp, dict) or not isinstance(status, int):  # a garbled line: retry
+        return RetryableError("malformed line in batch output", error_type="malformed_body")
     if status != 200:
         return _status_error(status, resp.get("body"))
     try:

@@ -2,33 +2,76 @@
 
     404 on /v1/files or /v1/batches  -> NoBatchApi (a UserError naming the fallback)
     401 / 403                        -> UserError (check the key variable)
-    408, 409, 429, 5xx, timeouts,
-    resets, non-JSON answers         -> RetryableError (the driver backs off and retries)
+    429                              -> RateLimited (with the provider's Retry-After)
+    408, 409, 5xx                    -> Busy (with Retry-After, which a 503 often sends)
+    timeouts, resets, non-JSON       -> RetryableError
     other 4xx                        -> FatalRequestError
 
-Messages carry the status and the provider's error text, never request headers: the
-API key goes only into the Authorization header.
+Every call but ``create`` is retried here with the job's ``retry`` policy, the one online
+mode uses (``engine.backoff_s``, full jitter), never waiting less than Retry-After; when
+the attempts run out the job stops with ``JobCannotSucceed`` (exit 7), and the state on
+disk lets the same command continue. ``create`` is tried once: a blind retry could
+create, and bill, a batch twice, so the driver looks for it before trying again.
+
+Messages carry the status and the provider's error text (with the key masked, should a
+proxy echo it), never request headers: the key goes only into the Authorization header.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
-from batchrun.errors import FatalRequestError, RetryableError, UserError
-from batchrun.spec import EndpointSpec
+from batchrun.client import _retry_after  # parsed exactly as online mode parses it
+from batchrun.engine import backoff_s
+from batchrun.errors import (
+    FatalRequestError,
+    JobCannotSucceed,
+    OutputError,
+    RateLimited,
+    RetryableError,
+    UserError,
+)
+from batchrun.spec import EndpointSpec, RetrySpec
 
-__all__ = ["TERMINAL", "BatchProvider", "NoBatchApi"]
+__all__ = ["TERMINAL", "BatchProvider", "Busy", "NoBatchApi", "gave_up", "pause_s"]
+
+T = TypeVar("T")
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
 class NoBatchApi(UserError):
     """The endpoint answers 404 to the Files or Batch API."""
+
+
+class Busy(RetryableError):
+    """408, 409 or 5xx, with the provider's Retry-After in seconds if it sent one."""
+
+    def __init__(self, message: str, *, status: int, retry_after: float | None):
+        super().__init__(message, status=status, error_type=f"http_{status}")
+        self.retry_after = retry_after
+
+
+def pause_s(err: RetryableError, attempt: int, policy: RetrySpec, rng: random.Random) -> float:
+    """The wait before attempt ``attempt + 1``: online mode's full-jitter backoff, but never
+    shorter than the Retry-After the provider asked for."""
+    asked = err.retry_after if isinstance(err, RateLimited | Busy) else None
+    return max(backoff_s(attempt, policy, rng), asked or 0.0)
+
+
+def gave_up(err: RetryableError, attempts: int) -> JobCannotSucceed:
+    """The one line a job stops with when the provider keeps refusing a call."""
+    return JobCannotSucceed(
+        f"batch API: {err} (still failing after {attempts} attempts); nothing is lost: run "
+        "the same command again later to continue")
 
 
 def _message(body: bytes) -> str:
@@ -43,9 +86,13 @@ def _message(body: bytes) -> str:
 class BatchProvider:
     """Files and batches of one endpoint; use as ``async with BatchProvider(...) as p``."""
 
-    def __init__(self, endpoint: EndpointSpec, api_key: str | None):
+    def __init__(self, endpoint: EndpointSpec, api_key: str | None, retry: RetrySpec,
+                 rng: random.Random | None = None):
         self._base = endpoint.base_url
+        self._key = api_key
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._policy = retry
+        self._rng = rng or random.Random()
         self._timeout = aiohttp.ClientTimeout(total=endpoint.read_timeout_s,
                                               sock_connect=endpoint.connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -58,43 +105,64 @@ class BatchProvider:
         if self._session is not None:
             await self._session.close()
 
-    def _raise_for(self, method: str, path: str, status: int, body: bytes) -> None:
+    def _raise_for(self, method: str, path: str, status: int, body: bytes,
+                   headers: Any) -> None:
         what = f"{method} {self._base}{path.removeprefix('/v1')}: HTTP {status}"
         detail = _message(body)
+        if self._key:
+            detail = detail.replace(self._key, "***")
         if status == 404 and (path.startswith("/v1/batches") or path == "/v1/files"):
             raise NoBatchApi(
                 f"endpoint {self._base} has no Batch API (404 on {path}); use mode: online "
                 "or batch.fallback: online")
         if status in (401, 403):
             raise UserError(f"{what}: {detail}; check the key in endpoint.api_key_env")
-        if status in (408, 409, 429) or status >= 500:
-            raise RetryableError(f"{what}: {detail}", status=status, error_type=f"http_{status}")
+        if status == 429:
+            raise RateLimited(f"{what}: {detail}", retry_after=_retry_after(headers))
+        if status in (408, 409) or status >= 500:
+            raise Busy(f"{what}: {detail}", status=status, retry_after=_retry_after(headers))
         raise FatalRequestError(f"{what}: {detail}", status=status, error_type=f"http_{status}")
 
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call`` under the job's retry policy; ``JobCannotSucceed`` once it is spent."""
+        attempt = 1
+        while True:
+            try:
+                return await call()
+            except RetryableError as e:
+                if attempt >= self._policy.max_attempts:
+                    raise gave_up(e, attempt) from None
+                await asyncio.sleep(pause_s(e, attempt, self._policy, self._rng))
+                attempt += 1
+
     async def _request(self, method: str, path: str, **kw: Any) -> bytes:
+        """One attempt."""
         assert self._session is not None, "use BatchProvider as an async context manager"
         url = self._base + path.removeprefix("/v1")
         try:
             async with self._session.request(method, url, headers=self._headers, **kw) as r:
                 body = await r.read()
-                status = r.status
+                status, headers = r.status, r.headers
         except TimeoutError:
             raise RetryableError(f"{method} {url}: timed out", error_type="timeout") from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+        except aiohttp.ClientError as e:  # refused, reset, cut off mid-body, bad redirect
             raise RetryableError(f"{method} {url}: connection failed: {type(e).__name__}",
                                  error_type="connection") from None
         if status >= 400:
-            self._raise_for(method, path, status, body)
+            self._raise_for(method, path, status, body, headers)
         return body
 
-    async def _json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+    async def _json(self, method: str, path: str, *, need_id: bool = False,
+                    **kw: Any) -> dict[str, Any]:
+        """One attempt; the answer must be a JSON object (with a string ``id`` if asked)."""
         body = await self._request(method, path, **kw)
         try:
             doc = json.loads(body)
         except ValueError:
             doc = None
-        if not isinstance(doc, dict):
-            raise RetryableError(f"{method} {path}: answer is not a JSON object",
+        if not isinstance(doc, dict) or (need_id and not isinstance(doc.get("id"), str)):
+            raise RetryableError(f"{method} {path}: answer is not a JSON object"
+                                 + (" with an id" if need_id else ""),
                                  error_type="malformed_body")
         return doc
 
@@ -102,33 +170,49 @@ class BatchProvider:
         """GET /v1/batches?limit=1: finds an endpoint without a Batch API by a cheap 404
         before any upload (a server may answer a large POST's 404 by dropping the
         connection mid-body, which looks like a network fault, not a missing API)."""
-        await self._json("GET", "/v1/batches", params={"limit": 1})
+        await self._retrying(lambda: self._json("GET", "/v1/batches", params={"limit": 1}))
 
     async def upload(self, path: Path) -> dict[str, Any]:
-        """POST /v1/files (multipart, purpose=batch), streaming the file from disk."""
-        with open(path, "rb") as f:
-            form = aiohttp.FormData()
-            form.add_field("purpose", "batch")
-            form.add_field("file", f, filename=path.name, content_type="application/jsonl")
-            return await self._json("POST", "/v1/files", data=form)
+        """POST /v1/files (multipart, purpose=batch), streaming the file from disk; a retry
+        re-reads the file (an upload that failed half-way only leaves an unused file)."""
+        async def once() -> dict[str, Any]:
+            try:
+                f = open(path, "rb")  # noqa: SIM115 - closed below, after the upload
+            except OSError as e:
+                raise OutputError(f"output: cannot read {path} ({e.strerror or e}); fix the "
+                                  "folder and run the same command again") from None
+            with f:
+                form = aiohttp.FormData()
+                form.add_field("purpose", "batch")
+                form.add_field("file", f, filename=path.name, content_type="application/jsonl")
+                return await self._json("POST", "/v1/files", data=form, need_id=True)
+        return await self._retrying(once)
 
     async def file(self, file_id: str) -> dict[str, Any]:
-        return await self._json("GET", f"/v1/files/{file_id}")
+        return await self._retrying(lambda: self._json("GET", f"/v1/files/{file_id}"))
 
     async def content(self, file_id: str) -> bytes:
-        return await self._request("GET", f"/v1/files/{file_id}/content")
+        return await self._retrying(lambda: self._request("GET", f"/v1/files/{file_id}/content"))
 
     async def create(self, file_id: str, window: str, metadata: dict[str, str]
                      ) -> dict[str, Any]:
+        """POST /v1/batches, one attempt only (see the module docs)."""
         body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
                 "completion_window": window, "metadata": metadata}
-        return await self._json("POST", "/v1/batches", json=body)
+        return await self._json("POST", "/v1/batches", json=body, need_id=True)
 
     async def retrieve(self, batch_id: str) -> dict[str, Any]:
-        return await self._json("GET", f"/v1/batches/{batch_id}")
+        return await self._retrying(lambda: self._json("GET", f"/v1/batches/{batch_id}"))
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
-        return await self._json("POST", f"/v1/batches/{batch_id}/cancel")
+        async def once() -> dict[str, Any]:
+            try:
+                return await self._json("POST", f"/v1/batches/{batch_id}/cancel")
+            except Busy as e:
+                if e.status == 409:  # already ending (or an earlier try went through)
+                    return {"id": batch_id}
+                raise
+        return await self._retrying(once)
 
     async def list_batches(self, page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
         """Every batch of the account, page by page (``after`` = the last id seen)."""
@@ -137,10 +221,12 @@ class BatchProvider:
             params: dict[str, Any] = {"limit": page_size}
             if after:
                 params["after"] = after
-            page = await self._json("GET", "/v1/batches", params=params)
-            data = page.get("data") or []
+            page = await self._retrying(
+                functools.partial(self._json, "GET", "/v1/batches", params=params))
+            data = [b for b in page.get("data") or [] if isinstance(b, dict)]
             for batch in data:
                 yield batch
-            if not page.get("has_more") or not data:
+            last = data[-1].get("id") if data else None
+            if not page.get("has_more") or not isinstance(last, str):
                 return
-            after = str(data[-1]["id"])
+            after = last

@@ -17,12 +17,12 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from batchrun.batch.state import ChunkState, Ranges, count_rows, to_ranges
-from batchrun.errors import InputDataError
+from batchrun.errors import InputDataError, OutputError
 from batchrun.shards import RequestRow, Shard, iter_shard_rows
 from batchrun.spec import JobSpec
 
@@ -33,7 +33,6 @@ __all__ = [
     "line_for",
     "parse_custom_id",
     "request_line",
-    "write_chunks",
 ]
 
 CHAT_URL = "/v1/chat/completions"
@@ -74,6 +73,16 @@ def iter_selected(spec: JobSpec, shard: Shard,
             pos += 1
 
 
+@contextlib.contextmanager
+def _disk(path: Path) -> Iterator[None]:
+    """A chunk file that cannot be written is an output error (exit 3), not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"output: cannot write {path} ({e.strerror or e}); fix the folder's "
+                          "permissions or free space and run the same command again") from None
+
+
 class ChunkWriter:
     """One JSONL chunk being written: lines go to a temp file, renamed when closed."""
 
@@ -82,8 +91,9 @@ class ChunkWriter:
         self.name = f"chunk-{seq:06d}.jsonl"
         self.path = folder / self.name
         self._tmp = folder / f".{self.name}.{uuid.uuid4().hex[:8]}.tmp"
-        folder.mkdir(parents=True, exist_ok=True)
-        self._f: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()
+        with _disk(self.path):
+            folder.mkdir(parents=True, exist_ok=True)
+            self._f: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - see close()
         self._positions: dict[int, list[int]] = {}
         self.n_requests = 0
         self.n_bytes = 0
@@ -101,7 +111,8 @@ class ChunkWriter:
         self.worst_usd += worst_usd
         self._positions.setdefault(shard_index, []).append(pos)
         if line is not None:
-            self._f.write(line)
+            with _disk(self.path):
+                self._f.write(line)
             self.n_requests += 1
             self.n_bytes += len(line)
 
@@ -112,11 +123,12 @@ class ChunkWriter:
     def close(self) -> ChunkState:
         """fsync and rename the file; the chunk's state at step ``written``."""
         assert self._f is not None
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
-        os.replace(self._tmp, self.path)
+        with _disk(self.path):
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+            os.replace(self._tmp, self.path)
         ranges: Ranges = {s: to_ranges(p) for s, p in self._positions.items()}
         return ChunkState(seq=self.seq, attempt=self.attempt, rows=ranges,
                           n_rows=count_rows(ranges), n_requests=self.n_requests,
@@ -142,25 +154,3 @@ def line_for(spec: JobSpec, shard: Shard, pos: int, row: RequestRow,
             f"batch.max_bytes_per_file ({spec.batch.max_bytes_per_file}); raise it or shorten "
             "the prompt")
     return line
-
-
-def write_chunks(spec: JobSpec, shards: list[Shard], folder: Path, first_seq: int,
-                 extra_body: dict[str, Any] | None = None,
-                 worst: Callable[[RequestRow], float] | None = None) -> Iterator[ChunkState]:
-    """Every row of ``shards`` into JSONL chunks, yielding each chunk once it is on disk."""
-    writer = ChunkWriter(folder, first_seq)
-    try:
-        for shard in shards:
-            for pos, row in iter_selected(spec, shard, [(0, shard.num_rows)]):
-                line = line_for(spec, shard, pos, row, extra_body)
-                if not writer.fits(spec, line):
-                    yield writer.close()
-                    writer = ChunkWriter(folder, writer.seq + 1)
-                writer.add(shard.index, pos, line, worst(row) if worst else 0.0)
-        if not writer.empty:
-            yield writer.close()
-        else:
-            writer.discard()
-    except BaseException:
-        writer.discard()
-        raise

@@ -11,11 +11,17 @@ go into a new chunk with the next attempt number, up to ``retry.max_attempts``; 
 ``batch.fallback: online`` they are left for the online path instead. Results go
 through ``ResultsStore`` as parts, and a shard is finalized once none of its rows is
 still in flight, so ``summary.summarize`` reads batch results like online ones.
+
+Only rows without a result go into chunks (``plan``), whichever mode wrote the result,
+and the resume check is online mode's (``resume.check_fingerprint``, with --force). A
+provider that keeps refusing a call, or refuses it for good, stops the job with
+``JobCannotSucceed`` (exit 7) and the state intact.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
@@ -24,31 +30,32 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
 from batchrun.batch.gate import ChunkBudget, row_worst_usd
-from batchrun.batch.provider import TERMINAL, BatchProvider, NoBatchApi
-from batchrun.batch.requests import ChunkWriter, iter_selected, line_for, write_chunks
+from batchrun.batch.plan import Planner
+from batchrun.batch.provider import TERMINAL, BatchProvider, NoBatchApi, gave_up, pause_s
 from batchrun.batch.state import (
     OPEN_STEPS,
     BatchJobState,
     ChunkState,
     StateFile,
+    batch_tag,
     count_rows,
-    spec_fingerprint,
+    fingerprint_sha,
     to_ranges,
 )
 from batchrun.budget import DailyLedger
-from batchrun.engine import backoff_s
-from batchrun.errors import RetryableError
+from batchrun.errors import JobCannotSucceed, RequestError, RetryableError
 from batchrun.pricing import ModelPrice, price_for, worst_case_usd
-from batchrun.shards import RequestRow, Shard, carry_schema, plan_shards
+from batchrun.resume import check_fingerprint
+from batchrun.shards import RequestRow, Shard, carry_schema, input_files, plan_shards
 from batchrun.spec import JobSpec, resolve_api_key
 from batchrun.writer import ResultsStore, result_schema
 
 __all__ = ["CRASH_HOOK_ENV", "BatchOutcome", "batch_status", "cancel_batches", "run_batch_job"]
 
+log = logging.getLogger("batchrun")
 # Test hook: exit right after POST /v1/batches answers, before the state records it.
 CRASH_HOOK_ENV = "BATCHRUN_TEST_CRASH_AFTER_CREATE"
 T = TypeVar("T")
@@ -76,15 +83,17 @@ class _Driver:
 
     def __init__(self, spec: JobSpec, shards: list[Shard], store: ResultsStore,
                  provider: BatchProvider, *, price: ModelPrice | None, check: Check | None,
-                 extra_body: dict[str, Any] | None, initial_poll_s: float):
+                 extra_body: dict[str, Any] | None, initial_poll_s: float, tag: str):
         self.spec, self.store, self.p = spec, store, provider
         self.shards = {s.index: s for s in shards}
         self.price, self.check, self.extra_body = price, check, extra_body
         self.initial_poll_s = initial_poll_s
-        self.fingerprint = spec_fingerprint(spec)
         self.sf = StateFile(spec.output)
-        self.state: BatchJobState = self.sf.load(spec, self.fingerprint)
+        self.state: BatchJobState = self.sf.load(spec, tag)
+        self.fingerprint = self.state.fingerprint  # the metadata tag, fixed for the state
         self.rng = random.Random()
+        self.planner = Planner(spec, self.shards, store, self.state, self.sf.dir,
+                               extra_body=extra_body, worst=self._worst, save=self.save)
         committed = store.spent_usd() + sum(
             c.worst_usd for c in self.state.chunks if c.step in ("created", "completed"))
         b = spec.budget
@@ -106,67 +115,6 @@ class _Driver:
     def _worst(self, row: RequestRow) -> float:
         return row_worst_usd(self.spec, self.price, row)
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
-        """A provider call, retried with full-jitter backoff on transient errors."""
-        for attempt in range(1, self.spec.retry.max_attempts + 1):
-            try:
-                return await call()
-            except RetryableError:
-                if attempt == self.spec.retry.max_attempts:
-                    raise
-                await asyncio.sleep(backoff_s(attempt, self.spec.retry, self.rng))
-        raise AssertionError("unreachable")
-
-    # -- planning -------------------------------------------------------------------
-
-    def plan(self) -> None:
-        """Write every row into JSONL chunks, once; a rerun after a crash here redoes it
-        (the chunks come out the same) and keeps the steps already recorded."""
-        if self.state.planned:
-            return
-        known = {c.seq for c in self.state.chunks}
-        shards = [self.shards[i] for i in sorted(self.shards)]
-        for chunk in write_chunks(self.spec, shards, self.sf.dir, 0, self.extra_body,
-                                  self._worst):
-            if chunk.seq not in known:
-                self.state.chunks.append(chunk)
-                self.state.next_seq = chunk.seq + 1
-                self.save()
-        self.state.planned = True
-        self.save()
-
-    def requeue_errors(self) -> None:
-        """``--retry-errors``: rows whose result is an error go into new chunks (attempt 1)."""
-        if self.open_chunks():
-            return  # the interrupted run's chunks come first
-        for shard in self.shards.values():
-            table = self.store.read_shard(shard.name)
-            if table is None:
-                continue
-            bad = pc.and_(pc.equal(table["status"], "error"),
-                          pc.not_equal(table["error_type"], "bad_row"))
-            ids = set(table.filter(bad)["id"].to_pylist())
-            if ids:
-                rows = [(shard.index, pos, row) for pos, row in
-                        iter_selected(self.spec, shard, [(0, shard.num_rows)]) if row.id in ids]
-                self._new_chunks(rows, attempt=1)
-        self.save()
-
-    def _new_chunks(self, rows: list[tuple[int, int, RequestRow]], attempt: int) -> None:
-        """Rows to retry as new JSONL chunks, appended to the state (saved by the caller)."""
-        writer: ChunkWriter | None = None
-        for sidx, pos, row in rows:
-            line = line_for(self.spec, self.shards[sidx], pos, row, self.extra_body)
-            if writer is not None and not writer.fits(self.spec, line):
-                self.state.chunks.append(writer.close())
-                writer = None
-            if writer is None:
-                writer = ChunkWriter(self.sf.dir, self.state.next_seq, attempt)
-                self.state.next_seq += 1
-            writer.add(sidx, pos, line, self._worst(row))
-        if writer is not None:
-            self.state.chunks.append(writer.close())
-
     # -- provider steps ----------------------------------------------------------------
 
     def _metadata(self, c: ChunkState) -> dict[str, str]:
@@ -179,7 +127,9 @@ class _Driver:
         if not waiting:
             return
         async for b in self.p.list_batches():
-            meta = b.get("metadata") or {}
+            meta = b.get("metadata")
+            if not isinstance(meta, dict) or not isinstance(b.get("id"), str):
+                continue  # not one of ours (or not a batch object at all)
             c = waiting.get(str(meta.get("chunk")))
             if (c is not None and c.batch_id is None and meta.get("job") == self.spec.name
                     and meta.get("fingerprint") == self.fingerprint):
@@ -188,7 +138,8 @@ class _Driver:
 
     def _mark_created(self, c: ChunkState, b: dict[str, Any]) -> None:
         c.batch_id, c.batch_status, c.step = str(b["id"]), str(b.get("status")), "created"
-        c.created_at = float(b.get("created_at") or time.time())
+        at = b.get("created_at")
+        c.created_at = float(at) if isinstance(at, int | float) and at > 0 else time.time()
 
     async def submit(self, c: ChunkState) -> None:
         """Upload and create one chunk's batch, recording each step."""
@@ -199,7 +150,7 @@ class _Driver:
         if not self.gate.admit(c.seq, c.worst_usd):
             return  # over the budget: the chunk stays unsent for a later run
         if c.step == "written":
-            f = await self._retrying(lambda: self.p.upload(self.sf.dir / c.file))
+            f = await self.p.upload(self.sf.dir / c.file)
             c.file_id, c.step = str(f["id"]), "uploaded"
             self.save()
         if c.step == "uploaded":
@@ -217,25 +168,26 @@ class _Driver:
         timeout, a 5xx after the fact), so before every retry look for it by metadata:
         a blind retry would create, and bill, the chunk twice."""
         assert c.file_id is not None
-        for attempt in range(1, self.spec.retry.max_attempts + 1):
+        attempt = 1
+        while True:
             try:
                 return await self.p.create(c.file_id, self.spec.batch.completion_window,
                                            self._metadata(c))
-            except RetryableError:
+            except RetryableError as e:
                 await self.recover_unrecorded()
                 if c.step == "created":
                     return None
-                if attempt == self.spec.retry.max_attempts:
-                    raise
-                await asyncio.sleep(backoff_s(attempt, self.spec.retry, self.rng))
-        raise AssertionError("unreachable")
+                if attempt >= self.spec.retry.max_attempts:
+                    raise gave_up(e, attempt) from None
+                await asyncio.sleep(pause_s(e, attempt, self.spec.retry, self.rng))
+                attempt += 1
 
     async def poll(self, c: ChunkState) -> bool:
         """Ask for a created batch's status; collect it if it ended. True if it ended."""
         if c.step == "created":
             assert c.batch_id is not None
             bid = c.batch_id
-            b = await self._retrying(lambda: self.p.retrieve(bid))
+            b = await self.p.retrieve(bid)
             c.batch_status = str(b.get("status"))
             if c.batch_status not in TERMINAL:
                 return False
@@ -247,17 +199,13 @@ class _Driver:
     async def _download(self, c: ChunkState) -> dict[str, dict[str, Any]]:
         if c.batch_id is None:
             return {}
-        bid = c.batch_id
-        b = await self._retrying(lambda: self.p.retrieve(bid))
+        b = await self.p.retrieve(c.batch_id)
         contents = []
         for key in ("output_file_id", "error_file_id"):
             fid = b.get(key)
             if fid:
-                contents.append(await self._content(str(fid)))
+                contents.append(await self.p.content(str(fid)))
         return parse_lines(*contents)
-
-    async def _content(self, file_id: str) -> bytes:
-        return await self._retrying(lambda: self.p.content(file_id))
 
     async def collect(self, c: ChunkState) -> None:
         """Results to parts, retries to a new chunk, then the chunk marked collected."""
@@ -276,8 +224,8 @@ class _Driver:
             for sidx, pos, _ in res.retry:
                 runs = self.state.fallback.setdefault(sidx, [])
                 runs[:] = to_ranges([p for a, b in runs for p in range(a, b)] + [pos])
-        else:
-            self._new_chunks(res.retry, attempt=c.attempt + 1)
+        else:  # one save: the chunk collected and its retries, or neither
+            self.planner.new_chunks(res.retry, attempt=c.attempt + 1, save=False)
         c.step = "collected"
         self.save()
 
@@ -319,15 +267,22 @@ class _Driver:
                             batches=[_chunk_info(c) for c in self.state.chunks])
 
 
-async def _run(d: _Driver, wait: bool, retry_errors: bool) -> BatchOutcome:
-    d.plan()
-    if retry_errors:
-        d.requeue_errors()
-    # Before the first upload only: once a batch exists the API is known to be there (and
-    # a provider that cannot list batches must not turn a resume into an online re-send).
-    if not any(c.batch_id or c.file_id for c in d.state.chunks):
-        await d._retrying(d.p.probe)
+async def _run(d: _Driver, job_sha: str, wait: bool, retry_errors: bool) -> BatchOutcome:
+    # The state agrees with the results on disk before anything is sent: a batch created
+    # but not recorded is adopted first (asks the provider only if such a chunk exists).
     await d.recover_unrecorded()
+    d.planner.refresh(job_sha)
+    d.planner.reconcile()
+    if retry_errors:
+        d.planner.requeue_errors()
+    d.planner.plan()
+    if not d.open_chunks():
+        log.info("batch: every row of %s has a result in %s; nothing to send",
+                 d.spec.name, d.spec.output)
+    elif not any(c.batch_id or c.file_id for c in d.state.chunks):
+        # Before the first upload only: once a batch exists the API is known to be there
+        # (and a provider that cannot list batches must not turn a resume into a re-send).
+        await d.p.probe()
     await d.submit_all()
     if wait:
         await d.wait_all()
@@ -342,29 +297,40 @@ def _unanswered(store: ResultsStore, shards: list[Shard]) -> int:
     return sum(s.num_rows - len(store.answered_ids(s.name, redo_errors=False)) for s in shards)
 
 
+def _stopped(e: RequestError) -> JobCannotSucceed:
+    """A call the provider refused for good (a 4xx other than 401/403/404): one line."""
+    return JobCannotSucceed(f"batch API: {e}; the provider refused it: fix the cause, then "
+                            "run the same command again to continue")
+
+
 def run_batch_job(spec: JobSpec, *, wait: bool = True, retry_errors: bool = False,
                   check: Check | None = None, extra_body: dict[str, Any] | None = None,
-                  extra_fields: list[pa.Field] | None = None,
-                  initial_poll_s: float = 1.0) -> BatchOutcome:
+                  extra_fields: list[pa.Field] | None = None, initial_poll_s: float = 1.0,
+                  force: bool = False, schema: dict[str, Any] | None = None) -> BatchOutcome:
     """Run (or resume) ``spec`` through the provider's Batch API.
 
     ``wait=False`` submits and returns (``pending`` > 0 while batches are open); a later
     call collects. ``check`` validates answers (raise ``RetryableError(error_type=
     "invalid_output")`` to retry the row); ``extra_body`` adds request fields (e.g.
     ``response_format``) and ``extra_fields`` the result columns ``check`` returns.
+    ``force`` and ``schema`` (the resolved response schema) are online mode's resume
+    check's: the output folder must hold results of this job, or ``force`` says keep them.
     """
     price = price_for(spec)
     worst_case_usd(price, 0, 0, batch=True)  # no batch price: one clear line, before sending
     key = resolve_api_key(spec)
-    shards = plan_shards(spec)
+    files = input_files(spec)
+    fp = check_fingerprint(spec, files, force=force, schema=schema)
+    shards = plan_shards(spec, files)
     extra = [pa.field("batch_id", pa.string()), *(extra_fields or [])]
     store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra=extra))
 
     async def main() -> BatchOutcome:
-        async with BatchProvider(spec.endpoint, key) as p:
+        async with BatchProvider(spec.endpoint, key, spec.retry) as p:
             d = _Driver(spec, shards, store, p, price=price, check=check,
-                        extra_body=extra_body, initial_poll_s=initial_poll_s)
-            return await _run(d, wait, retry_errors)
+                        extra_body=extra_body, initial_poll_s=initial_poll_s,
+                        tag=batch_tag(fp, spec.output))
+            return await _run(d, fingerprint_sha(fp), wait, retry_errors)
 
     try:
         return asyncio.run(main())
@@ -372,13 +338,21 @@ def run_batch_job(spec: JobSpec, *, wait: bool = True, retry_errors: bool = Fals
         if spec.batch.fallback != "online":
             raise
         return BatchOutcome(pending=0, fallback_rows=_unanswered(store, shards))
+    except RequestError as e:
+        raise _stopped(e) from None
 
 
-async def _with_state(spec: JobSpec,
-                      fn: Callable[[BatchProvider, BatchJobState], Awaitable[T]]) -> T:
-    state = StateFile(spec.output).load(spec, spec_fingerprint(spec))
-    async with BatchProvider(spec.endpoint, resolve_api_key(spec)) as p:
-        return await fn(p, state)
+def _with_state(spec: JobSpec, fn: Callable[[BatchProvider, BatchJobState], Awaitable[T]]) -> T:
+    state = StateFile(spec.output).load(spec)
+
+    async def main() -> T:
+        async with BatchProvider(spec.endpoint, resolve_api_key(spec), spec.retry) as p:
+            return await fn(p, state)
+
+    try:
+        return asyncio.run(main())
+    except RequestError as e:
+        raise _stopped(e) from None
 
 
 def batch_status(spec: JobSpec) -> list[dict[str, Any]]:
@@ -393,7 +367,7 @@ def batch_status(spec: JobSpec) -> list[dict[str, Any]]:
             out.append(info)
         return out
 
-    return asyncio.run(_with_state(spec, ask))
+    return _with_state(spec, ask)
 
 
 def cancel_batches(spec: JobSpec) -> int:
@@ -409,4 +383,4 @@ def cancel_batches(spec: JobSpec) -> int:
                     n += 1
         return n
 
-    return asyncio.run(_with_state(spec, cancel))
+    return _with_state(spec, cancel)

@@ -10,6 +10,11 @@ written, looks up by metadata a batch created but not yet recorded, and polls
 what was created. A chunk names its rows as ``[start, stop)`` position ranges
 inside shards (not as ids), which keeps the file small for millions of rows.
 
+The state is not the judge of what is done: the results on disk are, for both modes
+(``OUTPUT/job.json`` and ``resume.check_fingerprint`` decide whether they may be
+resumed). The state only says which rows are with the provider, so that online mode
+can refuse to send rows an open batch will also answer (and bill).
+
 The API key is never part of this state.
 """
 
@@ -17,33 +22,38 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import uuid
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchrun.errors import OutputError, ResumeRefused
-from batchrun.shards import input_files
+from batchrun.resume import Fingerprint
 from batchrun.spec import JobSpec
 
 __all__ = [
     "OPEN_STEPS",
+    "PAID_STEPS",
+    "UNSENT_STEPS",
     "BatchJobState",
     "ChunkState",
     "Ranges",
     "StateFile",
     "Step",
     "atomic_write_bytes",
+    "batch_tag",
     "count_rows",
-    "spec_fingerprint",
+    "fingerprint_sha",
+    "refuse_open_batches",
     "to_ranges",
 ]
 
 Step = Literal["written", "uploaded", "created", "completed", "collected"]
 OPEN_STEPS: tuple[str, ...] = ("written", "uploaded", "created", "completed")
+UNSENT_STEPS: tuple[str, ...] = ("written", "uploaded")  # no batch recorded yet
+PAID_STEPS: tuple[str, ...] = ("created", "completed")  # a batch exists, not yet collected
 # Row positions of one chunk: shard index -> sorted, disjoint [start, stop) ranges,
 # positions counted from the shard's first row.
 Ranges = dict[int, list[tuple[int, int]]]
@@ -66,12 +76,19 @@ class ChunkState(_Strict):
     batch_id: str | None = Field(default=None, description="Provider's batch id.")
     batch_status: str | None = Field(default=None, description="Provider's last seen batch status.")
     created_at: float | None = Field(default=None, description="Epoch s of the batch creation.")
+    redo: bool = Field(default=False, description="--retry-errors: rows that hold an error "
+                       "result on purpose (only an ok result makes them done).")
 
 
 class BatchJobState(_Strict):
     job: str = Field(description="Job name.")
-    fingerprint: str = Field(description="spec_fingerprint of the spec that made the chunks.")
-    planned: bool = Field(default=False, description="Every input row is in some chunk.")
+    fingerprint: str = Field(description="Tag written into each batch's metadata, to find a "
+                             "batch created but not recorded (fixed for the folder's life).")
+    job_sha256: str | None = Field(
+        default=None, description="fingerprint_sha of OUTPUT/job.json when the unsent chunks "
+        "were written (None: unknown, e.g. a state from an older batchrun).")
+    planned: bool = Field(default=False, description="Every row without a result is in some "
+                          "chunk (or left for the online path).")
     next_seq: int = Field(default=0, description="Number of the next chunk.")
     chunks: list[ChunkState] = Field(default_factory=list)
     fallback: Ranges = Field(
@@ -79,25 +96,15 @@ class BatchJobState(_Strict):
     )
 
 
-def spec_fingerprint(spec: JobSpec) -> str:
-    """sha256 of what shapes the requests: model, generation, prompts, input files."""
-    files = []
-    for path in input_files(spec):
-        st = os.stat(path)
-        files.append([os.path.basename(path), st.st_size, st.st_mtime_ns])
-    doc = {
-        "model": spec.model,
-        "generation": spec.generation.model_dump(mode="json"),
-        "system_prompt": spec.system_prompt,
-        "prompt_column": spec.prompt_column,
-        "messages_column": spec.messages_column,
-        "id_column": spec.id_column,
-        "shard_rows": spec.shard_rows,
-        "response_format": spec.response_format.model_dump(mode="json")
-        if spec.response_format else None,
-        "files": files,
-    }
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+def fingerprint_sha(fp: Fingerprint) -> str:
+    """A digest of the job's resume fingerprint: inputs (by content) and request fields."""
+    return hashlib.sha256(fp.model_dump_json().encode()).hexdigest()[:32]
+
+
+def batch_tag(fp: Fingerprint, output: str | Path) -> str:
+    """The metadata tag of a new state: the job and its output folder, so that two
+    folders running the same job never adopt each other's batches."""
+    blob = f"{fingerprint_sha(fp)}:{Path(output).resolve()}"
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -140,17 +147,38 @@ class StateFile:
         self.dir = Path(output) / "batch"
         self.path = self.dir / "state.json"
 
-    def load(self, spec: JobSpec, fingerprint: str) -> BatchJobState:
-        """The saved state, or a fresh one; refuses state written for other inputs."""
+    def load(self, spec: JobSpec, tag: str = "") -> BatchJobState:
+        """The saved state, or a fresh one tagged ``tag``. Whether the results may be
+        resumed is ``resume.check_fingerprint``'s call (honouring --force), not this one's."""
         if not self.path.exists():
-            return BatchJobState(job=spec.name, fingerprint=fingerprint)
-        state = BatchJobState.model_validate_json(self.path.read_bytes())
-        if state.fingerprint != fingerprint or state.job != spec.name:
+            return BatchJobState(job=spec.name, fingerprint=tag)
+        try:
+            state = BatchJobState.model_validate_json(self.path.read_bytes())
+        except (OSError, ValidationError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not a batch state file"
             raise ResumeRefused(
-                f"output: {self.dir} holds batch state of another job or other inputs "
-                f"(job {state.job}); use a new output folder or delete {self.dir}"
-            )
+                f"output: {self.path} is unreadable ({reason}); restore it, or delete "
+                f"{self.dir} to start the batches over (batches still open would be paid "
+                "again)") from None
+        if state.job != spec.name:
+            raise ResumeRefused(
+                f"output: {self.dir} holds batch state of job {state.job}, not {spec.name}; "
+                f"use a new output folder or delete {self.dir}")
         return state
 
     def save(self, state: BatchJobState) -> None:
         atomic_write_bytes(self.path, state.model_dump_json(indent=1).encode())
+
+
+def refuse_open_batches(spec: JobSpec) -> None:
+    """Online mode must not send rows that an open batch will also answer, and bill."""
+    sf = StateFile(spec.output)
+    if not sf.path.exists():
+        return
+    n = sum(1 for c in sf.load(spec).chunks if c.step in PAID_STEPS)
+    if n:
+        raise ResumeRefused(
+            f"output: {spec.output}: {n} batch(es) of this job are still open with the "
+            "provider and their rows are paid for; collect them first with --mode batch "
+            "(or cancel them with `batchrun stop`, then collect with --mode batch), then run "
+            "online to finish the rest")

@@ -12,6 +12,11 @@ and billed with the same tokenizer. The ledger gets one record per batch creatio
 (outcome ``batch_created``, key = the input file id) and one per answered line (``ok``,
 or ``server_error`` for the ``batch_line_error_rate`` share), so tests can prove each
 row was billed once. Lines never run (expired, cancelled) cost nothing.
+
+Like a proxy's key limit, the first ``batch_429_first`` calls to any of these routes
+(after the key check) are answered 429 with ``Retry-After: batch_retry_after_s``; each
+is a ledger record (``rate_limited``, key = ``METHOD /path``), so a test can read when
+the client came back.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class BatchStore:
         self.files: dict[str, MockFile] = {}
         self.batches: dict[str, _Batch] = {}
         self.created = 0
+        self.calls = 0  # Files/Batch API calls that passed the key check
 
     def add_file(self, filename: str, purpose: str, data: bytes) -> MockFile:
         f = MockFile(f"file-{os.urandom(12).hex()}", filename, purpose, data, int(time.time()))
@@ -123,10 +129,21 @@ def _error(status: int, message: str, code: str | None = None,
 
 
 def _unauthorized(request: web.Request) -> web.Response | None:
-    auth = request.app[STATE].auth
-    if auth is not None and request.headers.get("Authorization") != auth:
+    """401 without the key; else 429 + Retry-After for the first ``batch_429_first`` calls."""
+    state = request.app[STATE]
+    if state.auth is not None and request.headers.get("Authorization") != state.auth:
         return _error(401, "Incorrect API key provided.", "invalid_api_key")
-    return None
+    store = request.app[BATCHES]
+    store.calls += 1
+    if store.calls > state.config.batch_429_first:
+        return None
+    state.ledger.record(state.now(), 429, "rate_limited", f"{request.method} {request.path}",
+                        0, 0, "", False)
+    return web.Response(
+        status=429, content_type="application/json",
+        headers={"Retry-After": f"{state.config.batch_retry_after_s:g}"},
+        body=error_body("Rate limit reached for the Batch API: too many requests for this "
+                        "key.", "rate_limit_error", "rate_limit_exceeded"))
 
 
 # -- files ---------------------------------------------------------------------------

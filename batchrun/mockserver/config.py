@@ -62,6 +62,11 @@ class MockConfig:
                                  "every Nth created batch fails (0: none)", 0)
     batch_expire_every: int = _opt("--batch-expire-every",
                                    "every Nth created batch expires half done (0: none)", 0)
+    # A proxy's key limit on the Files/Batch API: 429 + Retry-After on the first K calls.
+    batch_429_first: int = _opt("--batch-429-first", "answer the first K Files/Batch API "
+                                "calls 429 (0: none)", 0)
+    batch_retry_after_s: float = _opt("--batch-retry-after", "Retry-After seconds of those "
+                                      "429s", 1.0)
     api_key: str | None = _opt("--api-key", "required bearer key (default: none)", None)
     seed: int = _opt("--seed", "seed of the deterministic fault draw", 0)
     models: tuple[str, ...] = _opt("--model", "model listed by /v1/models (repeatable)",
@@ -92,6 +97,8 @@ class MockConfig:
             raise ValueError("batch_line_error_rate must lie in [0, 1], batch_delay_s >= 0")
         if self.batch_fail_every < 0 or self.batch_expire_every < 0:
             raise ValueError("batch_fail_every and batch_expire_every must be >= 0")
+        if self.batch_429_first < 0 or self.batch_retry_after_s < 0:
+            raise ValueError("batch_429_first and batch_retry_after_s must be >= 0")
         answer_rates = (self.invalid_json_rate, self.truncate_rate)
         if any(not 0.0 <= r <= 1.0 for r in answer_rates) or sum(answer_rates) > 1.0 + 1e-9:
             raise ValueError("invalid_json_rate and truncate_rate must lie in [0, 1], sum <= 1")

@@ -2,9 +2,11 @@
 
 Each worker runs two shards at a time, so its requests keep flowing across a
 shard boundary. Every table a worker yields is written as a checkpoint part
-as soon as it arrives (the worker does not wait for the write: rows that
-arrived but were not yet written when the driver dies are the only ones sent
-again, besides those in flight); when the stream ends the shard's parts are merged
+as soon as it arrives. The stream has backpressure: a worker's yield returns once
+this loop has taken the table, and its lanes stop while ``flush_rows`` answers wait
+for that, so a driver that dies (or cannot write) leaves fewer than 2 x ``flush_rows``
+answers of a shard unwritten, besides those in flight, and these are the only ones
+sent again; when the stream ends the shard's parts are merged
 into its final file, which must then hold one row per input row, or the shard
 runs again for the rows it lacks. A worker that dies (Ray restarts it) or goes
 silent past ``STALL_S`` costs only its in-flight rows: the shard is re-sent
@@ -32,16 +34,23 @@ from ray.exceptions import RayActorError
 
 from batchrun.breaker import ErrorRate
 from batchrun.errors import BatchrunError, ClusterError, JobCannotSucceed
-from batchrun.shards import Shard
+from batchrun.lifeline import this_driver
+from batchrun.shards import SHARDS_PER_WORKER, Shard
 from batchrun.writer import ResultsStore
 
-__all__ = ["Dispatcher", "ShardPlan"]
+__all__ = ["SHARDS_PER_WORKER", "Dispatcher", "ShardPlan", "split_concurrency"]
 
 log = logging.getLogger("batchrun")
 
-SHARDS_PER_WORKER = 2
 STALL_S = 120.0  # a worker heartbeats every flush interval; this long silent is a hang
 MAX_SHARD_TRIES = 5
+
+
+def split_concurrency(total: int, workers: int) -> list[int]:
+    """Each worker's share of the job's ``max_concurrency``: all of it, none over, none
+    idle (so at most ``total`` workers; planning gives each of them shards, shards.py)."""
+    n = max(1, min(workers, total))
+    return [total // n + (i < total % n) for i in range(n)]
 
 
 @dataclass
@@ -71,6 +80,7 @@ class Dispatcher:
                  error_rate: ErrorRate | None = None):
         self._limiter = limiter
         self._key_box = key_box  # the API key's reference, never the key (see worker.py)
+        self._driver = this_driver()  # workers on this node stop the moment it exits
         self._workers = workers
         self._store = store
         self._on_rows = on_rows
@@ -89,8 +99,9 @@ class Dispatcher:
 
         try:
             async with asyncio.TaskGroup() as tg:
-                for w in self._workers:
-                    for _ in range(SHARDS_PER_WORKER):
+                # round robin: the first shards go one to each worker, not two to the first
+                for _ in range(SHARDS_PER_WORKER):
+                    for w in self._workers:
                         tg.create_task(lane(w))
         except ExceptionGroup as eg:
             # one lane failing cancels the others; report the cause, not the group
@@ -119,8 +130,12 @@ class Dispatcher:
 
     async def _stream(self, worker: Any, plan: ShardPlan) -> None:
         name = plan.shard.name
-        gen = worker.run_shard.options(num_returns="streaming").remote(plan.shard, plan.skip,
-                                                                        self._key_box)
+        # Backpressure: each yield returns only once this loop has taken it, and it takes
+        # the next only after writing the last, so a worker runs at most about
+        # 2 x flush_rows answers ahead of the files (see worker._Feed).
+        gen = worker.run_shard.options(
+            num_returns="streaming", _generator_backpressure_num_objects=1).remote(
+            plan.shard, plan.skip, self._key_box, self._driver)
         it = gen.__aiter__()
         while True:
             try:

@@ -37,14 +37,14 @@ from rich.progress import (
 )
 
 from batchrun.breaker import ErrorRate
-from batchrun.dispatch import Dispatcher, ShardPlan
+from batchrun.dispatch import Dispatcher, ShardPlan, split_concurrency
 from batchrun.errors import ClusterError, UserError
 from batchrun.limiter import BudgetConfig, RateLimiter, limiter_name
 from batchrun.metrics import JobMetrics
 from batchrun.pricing import ModelPrice, price_for, worst_case_usd
 from batchrun.ray_cluster import record_cluster
 from batchrun.resume import check_fingerprint, refuse_duplicates
-from batchrun.shards import Shard, carry_schema, plan_shards, validate_input
+from batchrun.shards import Shard, carry_schema, plan_shards, record_plan, validate_input
 from batchrun.spec import JobSpec, load_spec, resolve_api_key
 from batchrun.structured import Structured
 from batchrun.summary import Summary, save_summary, summarize
@@ -182,13 +182,14 @@ def _start_actors(spec: JobSpec, key: str | None, schema: pa.Schema,
     # A reference inside a list, so Ray passes the reference, not the key, as the argument
     # of each run_shard. The driver holds it for the run, so a restarted worker reads it.
     key_box = [ray.put(key) if key else None]
-    per_worker = max(1, spec.limits.max_concurrency // spec.workers)
+    # the whole of max_concurrency, never more: 3 workers of 200 get 67, 67 and 66
+    shares = split_concurrency(spec.limits.max_concurrency, spec.workers)
     try:
         workers = [
             Worker.options(  # type: ignore[attr-defined]
                 name=worker_name(spec.name, i), num_cpus=WORKER_CPUS).remote(
-                spec, per_worker, schema, budget is not None, structured)
-            for i in range(spec.workers)
+                spec, share, schema, budget is not None, structured)
+            for i, share in enumerate(shares)
         ]
     except BaseException:
         ray.kill(limiter, no_restart=True)  # else its name blocks the next run
@@ -296,6 +297,7 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     store.check_writable()
     check_fingerprint(spec, files, force=opts.force,
                       schema=structured.schema if structured else None)
+    record_plan(spec, files)  # later runs of this output find the same shards
     if spec.mode == "online":  # rows of an open batch would be paid twice
         from batchrun.batch.state import refuse_open_batches
 

@@ -3,7 +3,10 @@
 A shard is a row range ``[start, stop)`` of one file, aligned to row groups where
 they are small enough. Planning reads only Parquet footers, and reading a shard
 streams record batches of the row groups it overlaps, so no process ever holds
-a whole input: a 10-million-row job plans in a footer read per file.
+a whole input: a 10-million-row job plans in a footer read per file. A job of fewer
+rows than ``workers x 2 x shard_rows`` gets smaller shards, two for each worker, so
+its concurrency follows the work; an output's first run records the size it planned
+with (``OUTPUT/plan.json``), and every later run of that output plans with it.
 
 This module is the one boundary where pyarrow errors about the input become
 ``InputDataError`` naming the file and the column.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,18 +26,26 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrun.errors import InputDataError, SpecError
+from batchrun.errors import InputDataError, OutputError, ResumeRefused, SpecError
 from batchrun.spec import JobSpec
 
 __all__ = [
+    "PLAN_FILE",
+    "SHARDS_PER_WORKER",
     "RequestRow",
     "Shard",
     "carry_schema",
     "input_files",
     "iter_shard_rows",
     "plan_shards",
+    "record_plan",
+    "shard_size",
     "validate_input",
 ]
+
+
+SHARDS_PER_WORKER = 2  # shards a worker runs at once (dispatch.py)
+PLAN_FILE = "plan.json"  # OUTPUT/plan.json: the shard size every run of the output uses
 
 
 @dataclass(frozen=True)
@@ -184,14 +196,65 @@ def _file_shards(pf: pq.ParquetFile, shard_rows: int) -> Iterator[tuple[int, int
         yield start, pos
 
 
+def shard_size(spec: JobSpec, files: list[str]) -> int:
+    """Rows per shard for a new output: ``shard_rows``, or fewer when the job is small,
+    so that every worker has shards to run (8,000 rows with 2 workers and the default
+    10,000 were one shard: one worker ran at half the job's concurrency, one idled)."""
+    rows = sum(_open(f).metadata.num_rows for f in files)
+    return max(1, min(spec.shard_rows, -(-rows // (spec.workers * SHARDS_PER_WORKER))))
+
+
+def _has_rows(out: Path) -> bool:
+    """Whether a run has written results, checkpoints or batches into ``out``."""
+    return (any((out / "results").glob("*.parquet")) or any((out / "parts").glob("*/*"))
+            or (out / "batch" / "state.json").exists())
+
+
+def _planned_size(spec: JobSpec, files: list[str]) -> tuple[int, bool]:
+    """(rows per shard, whether OUTPUT/plan.json holds it).
+
+    Results, parts and open batches name rows by shard and position, so every run of an
+    output must find the same shards, whatever ``workers`` or ``shard_rows`` say now: the
+    first run records its size. An output with rows but no plan file was written by a
+    version that planned by ``shard_rows`` alone.
+    """
+    out = Path(spec.output)
+    try:
+        return int(json.loads((out / PLAN_FILE).read_text())["shard_rows"]), True
+    except FileNotFoundError:
+        return (spec.shard_rows if _has_rows(out) else shard_size(spec, files)), False
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ResumeRefused(f"{out / PLAN_FILE}: unreadable ({e}); restore it, or use "
+                            "another output folder") from e
+
+
+def record_plan(spec: JobSpec, files: list[str]) -> None:
+    """Write the shard size of this output's plan, once, before a run writes any row."""
+    size, recorded = _planned_size(spec, files)
+    if recorded:
+        return
+    path = Path(spec.output) / PLAN_FILE
+    tmp = path.with_name(f".{PLAN_FILE}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"shard_rows": size}) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"output: cannot write {path} ({e.strerror or e}); fix the "
+                          "folder's permissions or free space and run the same command again"
+                          ) from e
+
+
 def plan_shards(spec: JobSpec, files: list[str] | None = None) -> list[Shard]:
-    """All shards of the job, in a stable order (file name, then row)."""
+    """All shards of the job, in a stable order (file name, then row): the plan recorded
+    in the output (``record_plan``), else the one a first run would record."""
     files = files if files is not None else validate_input(spec)
+    size, _ = _planned_size(spec, files)
     root = _root_of(spec)
     shards: list[Shard] = []
     for path in files:
         prefix = os.path.relpath(path, root)
-        for a, b in _file_shards(_open(path), spec.shard_rows):
+        for a, b in _file_shards(_open(path), size):
             shards.append(Shard(len(shards), path, a, b, prefix))
     return shards
 

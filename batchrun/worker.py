@@ -28,6 +28,7 @@ from batchrun.budget import DEFAULT_MARGIN
 from batchrun.client import ChatClient, open_session
 from batchrun.engine import RowRunner
 from batchrun.errors import ClusterError
+from batchrun.lifeline import DriverId, driver_exit
 from batchrun.limiter import SLOT_VALIDITY_S, limiter_name
 from batchrun.metrics import JobMetrics
 from batchrun.permits import LeaseAnswer, PermitPool
@@ -44,7 +45,14 @@ LEASE_TIMEOUT_S = 120.0  # covers a limiter restart (its recovery asks workers, 
 
 
 class _Feed:
-    """One shard's rows in, its records out: what the lanes of ``run_shard`` share."""
+    """One shard's rows in, its records out: what the lanes of ``run_shard`` share.
+
+    Lanes run at most ``flush_rows`` answers ahead of the driver: they take no new row
+    while the records not yet taken, plus those handed to the driver and not yet
+    consumed, reach ``flush_rows``. A driver that stops consuming (it died, or cannot
+    write) stops the sending with it, and no more than about ``2 * flush_rows`` answers
+    of a shard (the table the driver is writing, and these) are ever unwritten.
+    """
 
     def __init__(self, rows: Iterator[list[RequestRow]], skip: set[str], flush_rows: int,
                  stop: Callable[[], bool]):
@@ -55,10 +63,19 @@ class _Feed:
         self._eof = False
         self._reading = asyncio.Lock()
         self._flush_rows = flush_rows
+        self._handed = 0  # rows of the table the driver has not consumed yet
+        self._room = asyncio.Event()
+        self._room.set()
         self.recs: list[dict[str, Any]] = []
         self.ready = asyncio.Event()
 
+    def _full(self) -> bool:
+        return len(self.recs) + self._handed >= self._flush_rows
+
     async def next_row(self) -> RequestRow | None:
+        while self._full():  # backpressure: wait for the driver to take what is done
+            self._room.clear()
+            await self._room.wait()
         while not self._queue:
             if self._eof or self._stop():
                 return None
@@ -79,8 +96,16 @@ class _Feed:
             self.ready.set()
 
     def take(self) -> list[dict[str, Any]]:
+        """The records done so far, handed to the driver until ``consumed``."""
         recs, self.recs = self.recs, []
+        self._handed = len(recs)
         return recs
+
+    def consumed(self) -> None:
+        """The driver took the last table (a yield returns once it has, see dispatch.py)."""
+        self._handed = 0
+        if not self._full():
+            self._room.set()
 
 
 def worker_name(job: str, index: int) -> str:
@@ -205,18 +230,23 @@ class Worker:
         self._metrics.set_in_flight(self._in_flight)
         return pa.Table.from_pylist(recs, schema=self._schema)
 
-    async def run_shard(self, shard: Shard, skip: set[str], key_box: list[Any]
-                        ) -> AsyncIterator[pa.Table]:
+    async def run_shard(self, shard: Shard, skip: set[str], key_box: list[Any],
+                        driver: DriverId | None = None) -> AsyncIterator[pa.Table]:
         """Yield tables of finished rows of ``shard``, leaving out the ids in ``skip``.
 
         ``key_box`` holds the reference to the API key, with every shard rather than once
         in the constructor: Ray warns that a restarted actor whose constructor arguments
         are in the object store may fail to start (ray#53727), and this way it cannot.
+        ``driver``: the process consuming this stream; once it exits, nothing is sent.
         """
         self._key_box = key_box
         feed = _Feed(iter_shard_rows(self._spec, shard), skip, self._spec.flush_rows,
                      lambda: self._permits.exhausted)
         task = asyncio.create_task(self._feed(feed))
+        # answers sent to a dead driver are paid for and never written: stop at once
+        lifeline = asyncio.create_task(driver_exit(driver)) if driver else None
+        if lifeline is not None:
+            lifeline.add_done_callback(lambda _: task.cancel())
         try:
             while not task.done():
                 with contextlib.suppress(TimeoutError):
@@ -226,11 +256,14 @@ class Worker:
                 if task.done():
                     break
                 yield self._table(feed.take())  # empty when idle: the driver's heartbeat
+                feed.consumed()  # the yield returns once the driver took it (backpressure)
             if recs := feed.take():  # answered (and paid for) even if the shard then failed
                 yield self._table(recs)
             await task  # re-raises a read error of the shard
         finally:
             task.cancel()
+            if lifeline is not None:
+                lifeline.cancel()
 
     def recent_sends(self) -> list[tuple[float, float]]:
         return self._permits.recent_sends() if self._runner is not None else []

@@ -179,7 +179,9 @@ def test_resume_sends_only_what_is_missing(tmp_path: Path) -> None:
     make_prompts(tmp_path / "in.parquet", 600)
     out = tmp_path / "out"
     with start_subprocess(MockConfig()) as server:
-        spec = write_spec(tmp_path, endpoint={"base_url": server.base_url}, limits=FAST)
+        # one worker: 600 rows are 3 shards of shard_rows (200), not smaller ones
+        spec = write_spec(tmp_path, endpoint={"base_url": server.base_url}, limits=FAST,
+                          workers=1)
         run_job(str(spec), QUIET)
         assert server.stats()["total_requests"] == 600
         again = run_job(str(spec), QUIET)  # complete: nothing is sent

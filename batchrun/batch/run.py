@@ -49,7 +49,14 @@ from batchrun.budget import DailyLedger
 from batchrun.errors import JobCannotSucceed, RequestError, RetryableError
 from batchrun.pricing import ModelPrice, price_for, worst_case_usd
 from batchrun.resume import check_fingerprint
-from batchrun.shards import RequestRow, Shard, carry_schema, input_files, plan_shards
+from batchrun.shards import (
+    RequestRow,
+    Shard,
+    carry_schema,
+    input_files,
+    plan_shards,
+    record_plan,
+)
 from batchrun.spec import JobSpec, resolve_api_key
 from batchrun.writer import ResultsStore, result_schema
 
@@ -321,6 +328,7 @@ def run_batch_job(spec: JobSpec, *, wait: bool = True, retry_errors: bool = Fals
     key = resolve_api_key(spec)
     files = input_files(spec)
     fp = check_fingerprint(spec, files, force=force, schema=schema)
+    record_plan(spec, files)  # chunks name rows by shard: every later run must see the same
     shards = plan_shards(spec, files)
     extra = [pa.field("batch_id", pa.string()), *(extra_fields or [])]
     store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra=extra))

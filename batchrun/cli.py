@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from batchrun.errors import EXIT_PENDING, BatchrunError, BudgetExhausted
 
@@ -24,6 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Batch inference over OpenAI-compatible APIs on Ray.")
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+EXIT_INTERNAL = 1  # a BatchrunError without a code of its own: a bug, please report it
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
 def clean_errors(fn: F) -> F:
@@ -32,9 +35,14 @@ def clean_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except BatchrunError as e:
-            err_console.print(f"[red]batchrun: error:[/red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(getattr(e, "exit_code", 1)) from None
+        except BatchrunError as e:  # escaped: a glob's [ab] in a message is not markup
+            err_console.print(f"[red]batchrun: error:[/red] {escape(str(e))}",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(getattr(e, "exit_code", EXIT_INTERNAL)) from None
+        except KeyboardInterrupt:
+            err_console.print("batchrun: interrupted; what was written is kept: run the same "
+                              "command again to resume", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     return wrapper  # type: ignore[return-value]
 
 

@@ -120,7 +120,8 @@ def _connect(opts: RunOptions, spec: JobSpec) -> tuple[float, bool]:
                               "job_config": _job_config()}
     if address:
         kwargs["address"] = address
-    else:
+    else:  # "local": a new Ray of our own, even if a `ray start` cluster runs here
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = max(os.cpu_count() or 1, int(spec.workers * WORKER_CPUS))
         kwargs["include_dashboard"] = opts.include_dashboard
     try:

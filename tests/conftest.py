@@ -20,7 +20,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 def ray_session() -> Iterator[None]:
     """A real local Ray, started once (ray.init costs seconds), metrics reported each second."""
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, namespace="batchrun",
+        # address="local": a Ray of the tests' own, never a `ray start` cluster on the machine
+        ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="batchrun",
                  _system_config={"metrics_report_interval_ms": 1000},
                  log_to_driver=False)
     yield

@@ -6,8 +6,10 @@ import ast
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from importlib.metadata import packages_distributions, version
 from pathlib import Path
@@ -117,3 +119,27 @@ def test_runs_from_a_folder_holding_a_batchrun_directory(tmp_path):
     assert results.num_rows == 60 and set(results["status"].to_pylist()) == {"ok"}
     # the final screen says where the results are
     assert f"results: {tmp_path / 'out'}/results/" in out.stderr.replace("\n", "")
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_is_one_line_and_a_rerun_finishes(tmp_path):
+    make_prompts(tmp_path / "in.parquet", 800)
+    spec = write_spec(tmp_path, simulate={"rpm": 100_000, "latency_ms": 100},
+                      endpoint={"api_key_env": "SIM_K"},
+                      limits={"rpm": 100_000, "max_concurrency": 8}, flush_rows=20)
+    cmd = [BATCHRUN, "run", str(spec), "--no-dashboard", "--no-progress"]
+    # a background job of a shell may inherit SIGINT ignored: restore the default
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob("parts/*/*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
+    assert again.returncode == 0, again.stderr[-2000:]
+    results = pq.read_table(sorted((tmp_path / "out" / "results").glob("*.parquet")))
+    assert sorted(results["id"].to_pylist()) == [f"r{i:06d}" for i in range(800)]

@@ -36,20 +36,20 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from batchrun.breaker import ErrorRate
-from batchrun.dispatch import Dispatcher, ShardPlan, split_concurrency
+from batchrun.api.structured import Structured
 from batchrun.errors import ClusterError, UserError
-from batchrun.limiter import BudgetConfig, RateLimiter, limiter_name
-from batchrun.metrics import JobMetrics
-from batchrun.pricing import ModelPrice, price_for, worst_case_usd
-from batchrun.ray_cluster import record_cluster
-from batchrun.resume import check_fingerprint, refuse_duplicates
-from batchrun.shards import Shard, carry_schema, plan_shards, record_plan, validate_input
+from batchrun.io.resume import check_fingerprint, refuse_duplicates
+from batchrun.io.shards import Shard, carry_schema, plan_shards, record_plan, validate_input
+from batchrun.io.summary import Summary, save_summary, summarize
+from batchrun.io.writer import ResultsStore, result_schema
+from batchrun.limits.limiter import BudgetConfig, RateLimiter, limiter_name
+from batchrun.money.pricing import ModelPrice, price_for, worst_case_usd
+from batchrun.online.breaker import ErrorRate
+from batchrun.online.dispatch import Dispatcher, ShardPlan, split_concurrency
+from batchrun.online.metrics import JobMetrics
+from batchrun.online.ray_cluster import record_cluster
+from batchrun.online.worker import Worker, worker_name
 from batchrun.spec import JobSpec, load_spec, resolve_api_key
-from batchrun.structured import Structured
-from batchrun.summary import Summary, save_summary, summarize
-from batchrun.worker import Worker, worker_name
-from batchrun.writer import ResultsStore, result_schema
 
 __all__ = ["RunOptions", "run_job"]
 
@@ -77,7 +77,7 @@ def simulated_provider(spec: JobSpec) -> Iterator[JobSpec]:
     if spec.simulate is None:
         yield spec
         return
-    from batchrun.mockserver import MockConfig, start_subprocess
+    from batchrun.sim import MockConfig, start_subprocess
 
     key = None
     if spec.endpoint.api_key_env:

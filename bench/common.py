@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from batchrun.mockserver import MockConfig, MockProcess, start_subprocess
+from batchrun.sim import MockConfig, MockProcess, start_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "bench" / "data"

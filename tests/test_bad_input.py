@@ -102,7 +102,7 @@ def test_duplicate_ids_named_before_anything_is_sent(tmp_path: Path) -> None:
 
 
 def test_changed_input_refuses_resume_unless_forced(tmp_path: Path) -> None:
-    from batchrun.resume import check_fingerprint
+    from batchrun.io.resume import check_fingerprint
     from batchrun.spec import load_spec
 
     make_prompts(tmp_path / "in.parquet", 10)

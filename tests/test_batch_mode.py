@@ -20,15 +20,15 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_prompts, write_spec
 
+from batchrun.api.client import Completion
 from batchrun.batch import run_batch_job
 from batchrun.batch.run import CRASH_HOOK_ENV, batch_status, cancel_batches
-from batchrun.client import Completion
 from batchrun.errors import RetryableError, UserError
-from batchrun.mockserver import MockConfig, answer_for, start_in_thread, start_subprocess
-from batchrun.shards import plan_shards
+from batchrun.io.shards import plan_shards
+from batchrun.io.summary import summarize
+from batchrun.io.writer import ResultsStore
+from batchrun.sim import MockConfig, answer_for, start_in_thread, start_subprocess
 from batchrun.spec import JobSpec, load_spec
-from batchrun.summary import summarize
-from batchrun.writer import ResultsStore
 
 KEY_ENV = "BATCHRUN_TEST_BATCH_KEY"
 KEY = "sk-batch-secret-123"

@@ -20,7 +20,7 @@ from conftest import make_prompts, write_spec
 
 from batchrun.batch import run_batch_job
 from batchrun.errors import JobCannotSucceed, ResumeRefused
-from batchrun.mockserver import MockConfig, start_in_thread
+from batchrun.sim import MockConfig, start_in_thread
 from batchrun.spec import JobSpec, load_spec
 
 KEY_ENV = "BATCHRUN_TEST_RETRY_KEY"

@@ -10,13 +10,13 @@ import time
 from collections import deque
 from typing import Any
 
-from batchrun.breaker import Breaker, ErrorRate, job_wide_cause, safe_url
-from batchrun.client import ChatClient, open_session
-from batchrun.engine import RowRunner
+from batchrun.api.client import ChatClient, open_session
 from batchrun.errors import FatalRequestError, RateLimited, RequestError, RetryableError
-from batchrun.mockserver import MockConfig, start_in_thread
-from batchrun.permits import LeaseAnswer, PermitPool
-from batchrun.shards import RequestRow
+from batchrun.io.shards import RequestRow
+from batchrun.limits.permits import LeaseAnswer, PermitPool
+from batchrun.online.breaker import Breaker, ErrorRate, job_wide_cause, safe_url
+from batchrun.online.engine import RowRunner
+from batchrun.sim import MockConfig, start_in_thread
 from batchrun.spec import EndpointSpec, JobSpec
 
 # --- Breaker ------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from batchrun.budget import BudgetBook, DailyLedger
 from batchrun.errors import SpecError
-from batchrun.pricing import ModelPrice, cost_usd, worst_case_usd
+from batchrun.money.budget import BudgetBook, DailyLedger
+from batchrun.money.pricing import ModelPrice, cost_usd, worst_case_usd
 
 PRICE = ModelPrice(
     model="m", input_per_1m=0.15, output_per_1m=0.60, batch_input_per_1m=0.075,

@@ -108,7 +108,7 @@ def test_output_matched_by_the_input_glob_is_refused(tmp_path: Path) -> None:
 
 
 def test_output_beside_a_single_input_file_is_fine(tmp_path: Path) -> None:
-    from batchrun.shards import validate_input
+    from batchrun.io.shards import validate_input
     from batchrun.spec import load_spec
 
     make_prompts(tmp_path / "in.parquet", 10)

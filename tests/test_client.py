@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from batchrun.client import ChatClient, open_session
+from batchrun.api.client import ChatClient, open_session
 from batchrun.errors import FatalRequestError
 from batchrun.spec import EndpointSpec
 

@@ -24,7 +24,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun.mockserver import MockConfig, start_subprocess
+from batchrun.sim import MockConfig, start_subprocess
 from tests.conftest import make_prompts, write_spec
 
 pytestmark = pytest.mark.timeout(180)

@@ -8,9 +8,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun.mockserver import MockConfig, start_subprocess
+from batchrun.io.writer import RESULT_FIELDS
 from batchrun.runner import RunOptions, run_job
-from batchrun.writer import RESULT_FIELDS
+from batchrun.sim import MockConfig, start_subprocess
 from tests.conftest import make_prompts, write_spec
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(180)]

@@ -15,10 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from batchrun.estimate import compare, estimate, estimate_command, render_compare, render_estimate
-from batchrun.pricing import load_price_table
+from batchrun.api.tokens import count_chat_tokens, encoding_name_for
+from batchrun.money.estimate import (
+    compare,
+    estimate,
+    estimate_command,
+    render_compare,
+    render_estimate,
+)
+from batchrun.money.pricing import load_price_table
 from batchrun.spec import JobSpec
-from batchrun.tokens import count_chat_tokens, encoding_name_for
 
 CORPUS = Path(__file__).parent / "data" / "token_corpus.jsonl"
 _URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"

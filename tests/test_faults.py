@@ -22,8 +22,8 @@ import pytest
 import ray
 
 from batchrun.errors import OutputError
-from batchrun.mockserver import MockConfig, start_subprocess
 from batchrun.runner import RunOptions, run_job
+from batchrun.sim import MockConfig, start_subprocess
 from tests.conftest import make_prompts, write_spec
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(240)]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun.mockserver import MockConfig, start_subprocess
 from batchrun.runner import RunOptions, _prepare, run_job
+from batchrun.sim import MockConfig, start_subprocess
 from tests.conftest import make_prompts, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]

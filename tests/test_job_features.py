@@ -19,10 +19,10 @@ import pytest
 import ray
 
 from batchrun.errors import JobCannotSucceed
-from batchrun.mockserver import MockConfig, max_in_window, start_subprocess
+from batchrun.io.summary import errors_line, exit_code, percentile, summarize
 from batchrun.runner import RunOptions, run_job
-from batchrun.scheduler_state import _status_for
-from batchrun.summary import errors_line, exit_code, percentile, summarize
+from batchrun.schedule.state import _status_for
+from batchrun.sim import MockConfig, max_in_window, start_subprocess
 from tests.conftest import make_prompts, write_spec
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(180)]

@@ -17,8 +17,8 @@ from typing import Any
 
 import ray
 
-from batchrun.mockserver import MockConfig, start_in_thread
 from batchrun.runner import RunOptions, run_job
+from batchrun.sim import MockConfig, start_in_thread
 from tests.conftest import make_prompts, write_spec
 
 ROWS = 400

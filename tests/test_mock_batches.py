@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 
-from batchrun.mockserver import MockConfig, RunningServer, answer_for, start_in_thread
+from batchrun.sim import MockConfig, RunningServer, answer_for, start_in_thread
 
 KEY = "test-key"
 TERMINAL = {"completed", "failed", "expired", "cancelled"}

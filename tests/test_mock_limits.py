@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from batchrun.mockserver import faults
-from batchrun.mockserver.config import MockConfig
-from batchrun.mockserver.ledger import Ledger, max_in_window, prompt_key
-from batchrun.mockserver.limits import Decision, RateLimiter, SlidingWindow, format_duration
-from batchrun.mockserver.protocol import BadRequest, answer_for, parse_chat_request
-from batchrun.tokens import count_text_tokens
+from batchrun.api.tokens import count_text_tokens
+from batchrun.sim import faults
+from batchrun.sim.config import MockConfig
+from batchrun.sim.ledger import Ledger, max_in_window, prompt_key
+from batchrun.sim.limits import Decision, RateLimiter, SlidingWindow, format_duration
+from batchrun.sim.protocol import BadRequest, answer_for, parse_chat_request
 
 
 class FakeClock:

@@ -15,7 +15,8 @@ import openai
 import pytest
 from aiohttp import web
 
-from batchrun.mockserver import (
+from batchrun.api.tokens import count_chat_tokens
+from batchrun.sim import (
     MockConfig,
     RunningServer,
     answer_for,
@@ -25,7 +26,6 @@ from batchrun.mockserver import (
     start_in_thread,
     start_subprocess,
 )
-from batchrun.tokens import count_chat_tokens
 
 pytestmark = pytest.mark.timeout(60)
 

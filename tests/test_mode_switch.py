@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 
 from batchrun.batch.gate import row_worst_usd
 from batchrun.cli import app
-from batchrun.mockserver import MockConfig, RunningServer, prompt_key, start_in_thread
-from batchrun.mockserver.batches import BATCHES
-from batchrun.pricing import price_for
-from batchrun.shards import iter_shard_rows, plan_shards
+from batchrun.io.shards import iter_shard_rows, plan_shards
+from batchrun.money.pricing import price_for
+from batchrun.sim import MockConfig, RunningServer, prompt_key, start_in_thread
+from batchrun.sim.batches import BATCHES
 from batchrun.spec import load_spec
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(240)]

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from batchrun.errors import SpecError
-from batchrun.pricing import (
+from batchrun.money.pricing import (
     BatchPrice,
     TableEntry,
     cost_usd,

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from batchrun.ratelimit import SlotScheduler, Window, windows_for
+from batchrun.limits.ratelimit import SlotScheduler, Window, windows_for
 
 
 class Clock:
@@ -157,7 +157,7 @@ def test_restore_from_recent_sends_keeps_the_window_full() -> None:
 def test_permit_pool_keeps_one_window_of_sends_not_the_whole_job() -> None:
     import asyncio
 
-    from batchrun.permits import LeaseAnswer, PermitPool
+    from batchrun.limits.permits import LeaseAnswer, PermitPool
 
     clock = Clock()
 
@@ -177,7 +177,7 @@ def test_permit_pool_keeps_one_window_of_sends_not_the_whole_job() -> None:
 def test_permit_pool_serves_requests_from_spares_between_leases() -> None:
     import asyncio
 
-    from batchrun.permits import LeaseAnswer, PermitPool
+    from batchrun.limits.permits import LeaseAnswer, PermitPool
 
     clock = Clock()
     asked: list[tuple[int, float]] = []
@@ -207,7 +207,7 @@ def test_permit_pool_serves_requests_from_spares_between_leases() -> None:
 def test_a_slot_handed_to_a_waiter_counts_as_held_before_the_waiter_runs() -> None:
     import asyncio
 
-    from batchrun.permits import LeaseAnswer, PermitPool
+    from batchrun.limits.permits import LeaseAnswer, PermitPool
 
     clock = Clock()
     seen: list[list[tuple[float, float]]] = []

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from batchrun.errors import SpecError, UserError
-from batchrun.schedule import (
+from batchrun.schedule.cron import (
     due_slots,
     latest_slot,
     next_slots,

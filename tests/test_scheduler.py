@@ -14,14 +14,14 @@ from zoneinfo import ZoneInfo
 import pytest
 from typer.testing import CliRunner
 
+from batchrun.cli.schedule import app, template_command
 from batchrun.errors import SpecError, UserError
-from batchrun.scheduler import (
+from batchrun.schedule.scheduler import (
     StateDB,
     default_command,
     run_loop,
     run_once,
 )
-from batchrun.scheduler_cli import app, template_command
 
 HCM = ZoneInfo("Asia/Ho_Chi_Minh")
 JAN2_0200 = datetime(2026, 1, 2, 2, 0, tzinfo=HCM)

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from batchrun.dispatch import split_concurrency
-from batchrun.mockserver import MockConfig, start_subprocess
+from batchrun.io.shards import PLAN_FILE, plan_shards, record_plan
+from batchrun.online.dispatch import split_concurrency
 from batchrun.runner import RunOptions, run_job
-from batchrun.shards import PLAN_FILE, plan_shards, record_plan
+from batchrun.sim import MockConfig, start_subprocess
 from batchrun.spec import load_spec
 from tests.conftest import make_prompts, write_spec
 

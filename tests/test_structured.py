@@ -19,28 +19,28 @@ import pyarrow as pa
 import pytest
 from pydantic import BaseModel
 
-from batchrun.client import ChatClient, Completion, open_session
-from batchrun.engine import RowRunner
+from batchrun.api.client import ChatClient, Completion, open_session
+from batchrun.api.structured import Structured
 from batchrun.errors import RetryableError, SpecError
-from batchrun.mockserver import MockConfig, start_in_thread
-from batchrun.mockserver.protocol import (
+from batchrun.io.shards import RequestRow
+from batchrun.io.writer import result_schema
+from batchrun.limits.permits import LeaseAnswer, PermitPool
+from batchrun.online.engine import RowRunner
+from batchrun.sim import MockConfig, start_in_thread
+from batchrun.sim.protocol import (
     BadRequest,
     ChatRequest,
     answer_request,
     parse_chat_request,
 )
-from batchrun.mockserver.schema_answers import (
+from batchrun.sim.schema_answers import (
     broken_json,
     draw_fate,
     instance_for,
     invalid_instance,
     structured_answer,
 )
-from batchrun.permits import LeaseAnswer, PermitPool
-from batchrun.shards import RequestRow
 from batchrun.spec import EndpointSpec, JobSpec
-from batchrun.structured import Structured
-from batchrun.writer import result_schema
 
 MODEL = "gpt-4.1-mini"
 

@@ -27,9 +27,9 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun.mockserver import MockConfig, start_in_thread
-from batchrun.submit import auth_headers, entrypoint, job_client, submit_job, wait_for_job
-from batchrun.submit_entry import parser
+from batchrun.ops.submit import auth_headers, entrypoint, job_client, submit_job, wait_for_job
+from batchrun.ops.submit_entry import parser
+from batchrun.sim import MockConfig, start_in_thread
 from tests.conftest import make_prompts, write_spec
 
 FAKE_KEY = "sk-batchrun-TEST-" + "7f3a9c" * 6  # distinctive: grep-able anywhere
@@ -199,9 +199,9 @@ def test_submit_fails_cleanly_on_missing_key(head: str, tmp_path: Path,
 
 
 def _ops(*args: str) -> str:
-    """``python -m batchrun.ops_cli ARGS`` (a separate driver: this process may run Ray)."""
+    """``python -m batchrun.cli.ops ARGS`` (a separate driver: this process may run Ray)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-m", "batchrun.ops_cli", *args], env=env,
+    r = subprocess.run([sys.executable, "-m", "batchrun.cli.ops", *args], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from batchrun.api.client import Completion
 from batchrun.batch.requests import custom_id, iter_selected
 from batchrun.batch.state import ChunkState
-from batchrun.client import Completion
 from batchrun.errors import FatalRequestError, RequestError, RetryableError
-from batchrun.pricing import ModelPrice, cost_usd
-from batchrun.shards import RequestRow, Shard
+from batchrun.io.shards import RequestRow, Shard
+from batchrun.money.pricing import ModelPrice, cost_usd
 from batchrun.spec import JobSpec
 
 __all__ = ["ChunkResults", "collect_chunk", "line_outcome", "parse_lines"]

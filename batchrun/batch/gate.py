@@ -10,11 +10,11 @@ what its results really cost.
 
 from __future__ import annotations
 
-from batchrun.budget import DEFAULT_MARGIN, BudgetBook, DailyLedger
-from batchrun.pricing import ModelPrice, worst_case_usd
-from batchrun.shards import RequestRow
+from batchrun.api.tokens import count_chat_tokens
+from batchrun.io.shards import RequestRow
+from batchrun.money.budget import DEFAULT_MARGIN, BudgetBook, DailyLedger
+from batchrun.money.pricing import ModelPrice, worst_case_usd
 from batchrun.spec import JobSpec
-from batchrun.tokens import count_chat_tokens
 
 __all__ = ["ChunkBudget", "row_worst_usd"]
 

@@ -26,9 +26,9 @@ import pyarrow.compute as pc
 
 from batchrun.batch.requests import ChunkWriter, iter_selected, line_for
 from batchrun.batch.state import OPEN_STEPS, UNSENT_STEPS, BatchJobState, ChunkState
-from batchrun.shards import RequestRow, Shard
+from batchrun.io.shards import RequestRow, Shard
+from batchrun.io.writer import ResultsStore
 from batchrun.spec import JobSpec
-from batchrun.writer import ResultsStore
 
 __all__ = ["Planner", "Row"]
 

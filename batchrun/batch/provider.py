@@ -8,7 +8,7 @@
     other 4xx                        -> FatalRequestError
 
 Every call but ``create`` is retried here with the job's ``retry`` policy, the one online
-mode uses (``engine.backoff_s``, full jitter), never waiting less than Retry-After; when
+mode uses (``api.retry``, full jitter), never waiting less than Retry-After; when
 the attempts run out the job stops with ``JobCannotSucceed`` (exit 7), and the state on
 disk lets the same command continue. ``create`` is tried once: a blind retry could
 create, and bill, a batch twice, so the driver looks for it before trying again.
@@ -29,8 +29,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from batchrun.client import _retry_after  # parsed exactly as online mode parses it
-from batchrun.engine import backoff_s
+from batchrun.api.retry import pause_s, retry_after_s
 from batchrun.errors import (
     FatalRequestError,
     JobCannotSucceed,
@@ -41,7 +40,7 @@ from batchrun.errors import (
 )
 from batchrun.spec import EndpointSpec, RetrySpec
 
-__all__ = ["TERMINAL", "BatchProvider", "Busy", "NoBatchApi", "gave_up", "pause_s"]
+__all__ = ["TERMINAL", "BatchProvider", "Busy", "NoBatchApi", "gave_up"]
 
 T = TypeVar("T")
 
@@ -58,13 +57,6 @@ class Busy(RetryableError):
     def __init__(self, message: str, *, status: int, retry_after: float | None):
         super().__init__(message, status=status, error_type=f"http_{status}")
         self.retry_after = retry_after
-
-
-def pause_s(err: RetryableError, attempt: int, policy: RetrySpec, rng: random.Random) -> float:
-    """The wait before attempt ``attempt + 1``: online mode's full-jitter backoff, but never
-    shorter than the Retry-After the provider asked for."""
-    asked = err.retry_after if isinstance(err, RateLimited | Busy) else None
-    return max(backoff_s(attempt, policy, rng), asked or 0.0)
 
 
 def gave_up(err: RetryableError, attempts: int) -> JobCannotSucceed:
@@ -118,9 +110,9 @@ class BatchProvider:
         if status in (401, 403):
             raise UserError(f"{what}: {detail}; check the key in endpoint.api_key_env")
         if status == 429:
-            raise RateLimited(f"{what}: {detail}", retry_after=_retry_after(headers))
+            raise RateLimited(f"{what}: {detail}", retry_after=retry_after_s(headers))
         if status in (408, 409) or status >= 500:
-            raise Busy(f"{what}: {detail}", status=status, retry_after=_retry_after(headers))
+            raise Busy(f"{what}: {detail}", status=status, retry_after=retry_after_s(headers))
         raise FatalRequestError(f"{what}: {detail}", status=status, error_type=f"http_{status}")
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from batchrun.batch.state import ChunkState, Ranges, count_rows, to_ranges
 from batchrun.errors import InputDataError, OutputError
-from batchrun.shards import RequestRow, Shard, iter_shard_rows
+from batchrun.io.shards import RequestRow, Shard, iter_shard_rows
 from batchrun.spec import JobSpec
 
 __all__ = [

@@ -31,10 +31,11 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
+from batchrun.api.retry import pause_s
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
 from batchrun.batch.gate import ChunkBudget, row_worst_usd
 from batchrun.batch.plan import Planner
-from batchrun.batch.provider import TERMINAL, BatchProvider, NoBatchApi, gave_up, pause_s
+from batchrun.batch.provider import TERMINAL, BatchProvider, NoBatchApi, gave_up
 from batchrun.batch.state import (
     OPEN_STEPS,
     BatchJobState,
@@ -45,11 +46,9 @@ from batchrun.batch.state import (
     fingerprint_sha,
     to_ranges,
 )
-from batchrun.budget import DailyLedger
 from batchrun.errors import JobCannotSucceed, RequestError, RetryableError
-from batchrun.pricing import ModelPrice, price_for, worst_case_usd
-from batchrun.resume import check_fingerprint
-from batchrun.shards import (
+from batchrun.io.resume import check_fingerprint
+from batchrun.io.shards import (
     RequestRow,
     Shard,
     carry_schema,
@@ -57,8 +56,10 @@ from batchrun.shards import (
     plan_shards,
     record_plan,
 )
+from batchrun.io.writer import ResultsStore, result_schema
+from batchrun.money.budget import DailyLedger
+from batchrun.money.pricing import ModelPrice, price_for, worst_case_usd
 from batchrun.spec import JobSpec, resolve_api_key
-from batchrun.writer import ResultsStore, result_schema
 
 __all__ = ["CRASH_HOOK_ENV", "BatchOutcome", "batch_status", "cancel_batches", "run_batch_job"]
 

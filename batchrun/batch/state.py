@@ -30,7 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchrun.errors import OutputError, ResumeRefused
-from batchrun.resume import Fingerprint
+from batchrun.io.resume import Fingerprint
 from batchrun.spec import JobSpec
 
 __all__ = [

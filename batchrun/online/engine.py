@@ -1,0 +1,259 @@
+"""One row in, exactly one result record out: permits, attempts, backoff.
+
+Plain asyncio, no Ray: the worker actor wraps it, and tests drive it against a
+real loopback server. Every path through ``RowRunner.run`` returns a record (or None
+for a row left unsent); nothing but cancellation escapes it, so a bad row can never
+crash a shard.
+
+Each attempt's outcome feeds the worker's circuit breaker (``breaker.py``): when the
+first requests all fail the same job-wide way (wrong key, wrong URL, dead host), it
+trips, the job stops, and the rows it touched stay unsent rather than becoming error
+rows, so the rerun after the fix sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from batchrun.api.client import ChatClient, Completion
+from batchrun.api.retry import backoff_s
+from batchrun.errors import (
+    BudgetExhausted,
+    FatalRequestError,
+    RateLimited,
+    RequestError,
+    RetryableError,
+)
+from batchrun.io.shards import RequestRow
+from batchrun.limits.permits import PermitPool, PermitTooLarge
+from batchrun.money.pricing import ModelPrice, cost_usd
+from batchrun.online.breaker import Breaker, job_wide_cause, safe_url
+from batchrun.spec import JobSpec
+
+__all__ = ["RowRunner"]
+
+log = logging.getLogger("batchrun")
+
+
+@dataclass
+class _Bill:
+    """Tokens and cost of every billed attempt of one row (invalid answers are billed too)."""
+
+    prompt: int = 0
+    completion: int = 0
+    usd: float = 0.0
+    billed: bool = False
+
+    def add(self, c: Completion, usd: float) -> None:
+        self.prompt += c.prompt_tokens
+        self.completion += c.completion_tokens
+        self.usd += usd
+        self.billed = True
+
+    def fields(self) -> dict[str, Any]:
+        if not self.billed:
+            return {}
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                "total_tokens": self.prompt + self.completion, "cost_usd": self.usd}
+
+
+@dataclass
+class _Try:
+    """One row's attempts so far."""
+
+    attempt: int = 0
+    wait: float = 0.0  # seconds spent waiting for send slots
+    bill: _Bill = field(default_factory=_Bill)
+    last: RequestError | None = None
+    rejected: Completion | None = None  # the last answer the check refused (it was paid)
+
+    def answer_fields(self) -> dict[str, Any]:
+        """The refused answer, kept on the error record: what a user needs to fix the
+        schema or the prompt."""
+        c = self.rejected
+        return {} if c is None else {"response": c.text, "finish_reason": c.finish_reason}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class RowRunner:
+    """Sends rows of one job through one client under the shared permits."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        client: ChatClient,
+        permits: PermitPool,
+        *,
+        pause_all: Callable[[float], None],
+        token_cost: Callable[[list[dict[str, Any]]], float] | None = None,
+        usd_cost: Callable[[list[dict[str, Any]]], float] | None = None,
+        price: ModelPrice | None = None,
+        check: Callable[[Completion], dict[str, Any]] | None = None,
+        extra_body: dict[str, Any] | None = None,
+        rng: random.Random | None = None,
+        on_trip: Callable[[str], None] | None = None,
+    ):
+        self._spec = spec
+        self._client = client
+        self._permits = permits
+        self._pause_all = pause_all
+        self._token_cost = token_cost
+        self._usd_cost = usd_cost  # worst case of one attempt, reserved before it is sent
+        self._price = price
+        # check: validates an answer (structured outputs) and returns extra result
+        # fields; it raises RetryableError(error_type="invalid_output") to retry.
+        self._check = check
+        self._rng = rng or random.Random()
+        self._fields = {**spec.generation.request_fields(), **(extra_body or {})}
+        # One breaker per worker (its rows share this runner). on_trip(reason) stops the
+        # job: the worker tells the limiter, which refuses every worker's next lease.
+        self.breaker = Breaker(spec.retry.breaker_requests)
+        self._on_trip = on_trip
+        self._url = safe_url(spec.endpoint.base_url + "/chat/completions")
+
+    def _record(self, row: RequestRow, started: datetime, **kw: Any) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "id": row.id, "model": self._spec.model, "status": "ok", "attempts": 0,
+            "started_at": started, "finished_at": _now(), "wait_ms": 0.0, **row.carry,
+        }
+        rec.update(kw)
+        return rec
+
+    def _billed(self, c: Completion) -> float:
+        return cost_usd(self._price, c.prompt_tokens, c.completion_tokens) if self._price else 0.0
+
+    def _settle_failure(self, usd: float | None, e: RequestError) -> None:
+        # A timed-out or cut request may have been processed, and an HTTP 200 whose body
+        # we rejected (malformed, too large) was: assume the worst. 429/5xx/4xx: not billed.
+        if usd is not None:
+            maybe_billed = e.error_type in ("timeout", "connection") or e.status == 200
+            self._permits.settle(usd, usd if maybe_billed else 0.0)
+
+    async def run(self, row: RequestRow) -> dict[str, Any] | None:
+        """Attempts until success, a fatal error or ``max_attempts``.
+
+        Returns the row's one result record, or None when the budget refused to pay
+        for it or the job is stopping: the row stays unsent, for a later run. An
+        unexpected exception becomes the row's error record: one bad row must not
+        cancel the requests beside it.
+        """
+        started = _now()
+        try:
+            return await self._run(row, started)
+        except Exception as e:
+            log.exception("row %s: unexpected %s", row.id, type(e).__name__)
+            return self._record(row, started, status="error", error_type="internal",
+                                error_message=f"{type(e).__name__}: {e}"[:500])
+
+    async def _run(self, row: RequestRow, started: datetime) -> dict[str, Any] | None:
+        if row.messages is None:
+            return self._record(row, started, status="error", error_type="bad_row",
+                                error_message=row.error)
+        body = {"model": self._spec.model, "messages": row.messages, **self._fields}
+        cost = self._token_cost(row.messages) if self._token_cost else 1.0
+        usd = self._usd_cost(row.messages) if self._usd_cost else None
+        t = _Try()
+        while True:
+            if self.breaker.tripped:  # the job is stopping: send nothing more
+                return self._unsent(row, started, t)
+            t.attempt += 1
+            try:
+                t.wait += await self._permits.acquire(cost, usd)
+            except PermitTooLarge as e:
+                return self._record(row, started, status="error", error_type="too_many_tokens",
+                                    error_message=str(e), wait_ms=t.wait * 1e3,
+                                    **t.bill.fields())
+            except BudgetExhausted:  # the budget is spent, or the limiter stopped the job
+                t.attempt -= 1
+                return self._unsent(row, started, t)
+            if self.breaker.tripped:  # tripped while this row waited for its slot
+                if usd is not None:
+                    self._permits.settle(usd, 0.0)
+                t.attempt -= 1
+                return self._unsent(row, started, t)
+            t0 = time.perf_counter()
+            try:
+                c = await self._client.complete(body)
+            except RequestError as e:
+                self._settle_failure(usd, e)
+                t.last = e
+                action = self._after_failure(e, t.attempt)
+            else:
+                answer = self._answered(row, started, t, c, usd, t0)
+                if not isinstance(answer, str):
+                    return answer
+                action = answer
+            if action == "drop":
+                return self._unsent(row, started, t)
+            if action == "record":
+                break
+            await asyncio.sleep(self._delay(t.last, t.attempt))
+        assert t.last is not None
+        return self._record(
+            row, started, status="error", error_type=t.last.error_type,
+            error_message=str(t.last), attempts=t.attempt, wait_ms=t.wait * 1e3,
+            **t.bill.fields(), **t.answer_fields())
+
+    def _answered(self, row: RequestRow, started: datetime, t: _Try, c: Completion,
+                  usd: float | None, t0: float) -> dict[str, Any] | str:
+        """The ok record of an answer, or "retry"/"record" when the check refused it."""
+        t.bill.add(c, self._billed(c))
+        if usd is not None:
+            self._permits.settle(usd, self._billed(c))
+        self.breaker.success()  # an answer, valid or not: the endpoint works
+        try:
+            extra = self._check(c) if self._check else {}
+        except RetryableError as e:  # invalid_output: paid for, kept if it is the last
+            t.last, t.rejected = e, c
+            return "retry" if t.attempt < self._spec.retry.max_attempts else "record"
+        return self._record(
+            row, started, response=c.text, finish_reason=c.finish_reason, attempts=t.attempt,
+            wait_ms=t.wait * 1e3, **t.bill.fields(),
+            latency_ms=(time.perf_counter() - t0) * 1e3, **extra)
+
+    def _after_failure(self, e: RequestError, attempt: int) -> str:
+        """What a failed attempt leads to: "retry", "record" (the row's error) or "drop"
+        (the breaker tripped: the row stays unsent, for the rerun after the fix)."""
+        cause = job_wide_cause(e)
+        armed = self.breaker.armed
+        if self.breaker.failure(cause, str(e)) and self._on_trip is not None:
+            self._on_trip(f"{self.breaker.reason} at {self._url}")
+        if self.breaker.tripped:
+            return "drop"
+        limit = self._spec.retry.max_attempts
+        if cause is not None and armed:
+            # Before any request succeeded, a 401/404/refused is likely the job's fault,
+            # not the row's: retry it (unbilled) until the breaker decides, so a job the
+            # breaker stops leaves unsent rows behind, not error rows a rerun would skip.
+            limit = max(limit, self.breaker.threshold)
+        elif isinstance(e, FatalRequestError):
+            return "record"
+        return "retry" if attempt < limit else "record"
+
+    def _unsent(self, row: RequestRow, started: datetime, t: _Try) -> dict[str, Any] | None:
+        """None (the row stays unsent), or, if earlier attempts were billed, a record
+        that keeps the bill and that a rerun sends again (budget_exhausted)."""
+        if not t.bill.billed:
+            return None
+        return self._record(row, started, status="error", error_type="budget_exhausted",
+                            error_message="the job stopped (budget exhausted or halted) "
+                            "before a valid answer", attempts=t.attempt, wait_ms=t.wait * 1e3,
+                            **t.bill.fields(), **t.answer_fields())
+
+    def _delay(self, e: RequestError | None, attempt: int) -> float:
+        delay = backoff_s(attempt, self._spec.retry, self._rng)
+        if isinstance(e, RateLimited):
+            pause = e.retry_after if e.retry_after is not None else delay
+            self._pause_all(pause)  # every worker holds its sends, not only this one
+            delay = max(delay, pause)
+        return delay

@@ -1,0 +1,274 @@
+"""The worker actor: one aiohttp session, many requests in flight, results streamed back.
+
+Named ``batchrun:<job>:worker-N``. ``run_shard`` is a streaming generator: it
+yields an Arrow table of finished rows every ``flush_rows`` rows or
+``FLUSH_INTERVAL_S`` seconds, and the driver writes each one as a checkpoint
+before asking for the next. So a worker killed mid-shard loses only the
+requests it had in flight; the driver re-runs the shard minus the rows it has.
+
+The API key is read here, at the worker: from the named environment variable if
+this node has it, else from the object store, where the driver put it. It is
+never a task argument (the argument is a list holding the object's reference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from batchrun.api.client import ChatClient, open_session
+from batchrun.api.structured import Structured
+from batchrun.api.tokens import count_chat_tokens
+from batchrun.errors import ClusterError
+from batchrun.io.shards import RequestRow, Shard, iter_shard_rows
+from batchrun.limits.limiter import SLOT_VALIDITY_S, limiter_name
+from batchrun.limits.permits import LeaseAnswer, PermitPool
+from batchrun.money.budget import DEFAULT_MARGIN
+from batchrun.money.pricing import price_for, worst_case_usd
+from batchrun.online.engine import RowRunner
+from batchrun.online.lifeline import DriverId, driver_exit
+from batchrun.online.metrics import JobMetrics
+from batchrun.spec import JobSpec
+
+__all__ = ["FLUSH_INTERVAL_S", "Worker", "worker_name"]
+
+FLUSH_INTERVAL_S = 2.0
+LEASE_TIMEOUT_S = 120.0  # covers a limiter restart (its recovery asks workers, 10 s at most)
+
+
+class _Feed:
+    """One shard's rows in, its records out: what the lanes of ``run_shard`` share.
+
+    Lanes run at most ``flush_rows`` answers ahead of the driver: they take no new row
+    while the records not yet taken, plus those handed to the driver and not yet
+    consumed, reach ``flush_rows``. A driver that stops consuming (it died, or cannot
+    write) stops the sending with it, and no more than about ``2 * flush_rows`` answers
+    of a shard (the table the driver is writing, and these) are ever unwritten.
+    """
+
+    def __init__(self, rows: Iterator[list[RequestRow]], skip: set[str], flush_rows: int,
+                 stop: Callable[[], bool]):
+        self._rows = rows
+        self._skip = skip
+        self._stop = stop  # the budget is spent: read no further
+        self._queue: deque[RequestRow] = deque()
+        self._eof = False
+        self._reading = asyncio.Lock()
+        self._flush_rows = flush_rows
+        self._handed = 0  # rows of the table the driver has not consumed yet
+        self._room = asyncio.Event()
+        self._room.set()
+        self.recs: list[dict[str, Any]] = []
+        self.ready = asyncio.Event()
+
+    def _full(self) -> bool:
+        return len(self.recs) + self._handed >= self._flush_rows
+
+    async def next_row(self) -> RequestRow | None:
+        while self._full():  # backpressure: wait for the driver to take what is done
+            self._room.clear()
+            await self._room.wait()
+        while not self._queue:
+            if self._eof or self._stop():
+                return None
+            async with self._reading:  # one lane reads; the others wait for its batch
+                if self._queue or self._eof:
+                    continue
+                # Parquet reads block: do them off the event loop that serves requests
+                batch = await asyncio.to_thread(next, self._rows, None)
+                if batch is None:
+                    self._eof = True
+                else:
+                    self._queue.extend(r for r in batch if r.id not in self._skip)
+        return self._queue.popleft()
+
+    def put(self, rec: dict[str, Any]) -> None:
+        self.recs.append(rec)
+        if len(self.recs) >= self._flush_rows:
+            self.ready.set()
+
+    def take(self) -> list[dict[str, Any]]:
+        """The records done so far, handed to the driver until ``consumed``."""
+        recs, self.recs = self.recs, []
+        self._handed = len(recs)
+        return recs
+
+    def consumed(self) -> None:
+        """The driver took the last table (a yield returns once it has, see dispatch.py)."""
+        self._handed = 0
+        if not self._full():
+            self._room.set()
+
+
+def worker_name(job: str, index: int) -> str:
+    return f"batchrun:{job}:worker-{index}"
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class Worker:
+    def __init__(self, spec: JobSpec, concurrency: int, schema: pa.Schema,
+                 budgeted: bool = False, structured: Structured | None = None):
+        self._spec = spec
+        self._budgeted = budgeted
+        # built by the driver: a `pydantic:` model may not import on this node
+        self._structured = structured
+        self._concurrency = concurrency
+        self._key_box: list[Any] = [None]  # from run_shard: see _api_key
+        self._schema = schema
+        self._runner: RowRunner | None = None
+        self._in_flight = 0
+        self._done = 0
+        self._ok = 0
+        self._cost = 0.0
+        self._started = time.time()
+
+    async def _api_key(self) -> str | None:
+        name = self._spec.endpoint.api_key_env
+        if name is None:
+            return None
+        return os.environ.get(name) or await self._key_box[0]
+
+    async def _setup(self) -> RowRunner:
+        if self._runner is None:
+            key = await self._api_key()  # the only await: two shards may both get here,
+            if self._runner is None:     # so build once, after it, with no await inside
+                self._runner = self._build(key)
+        return self._runner
+
+    def _build(self, key: str | None) -> RowRunner:
+        """The worker's one session, permit pool and semaphore, shared by its shards."""
+        spec = self._spec
+        self._limiter = ray.get_actor(limiter_name(spec.name))
+        self._sem = asyncio.Semaphore(self._concurrency)
+        self._session = open_session(spec.endpoint, self._concurrency)
+        self._permits = PermitPool(self._lease, validity=SLOT_VALIDITY_S)
+        self._metrics = JobMetrics(spec.name)
+        price = self._price = price_for(spec)
+        self._counted: tuple[object, int] = (None, 0)
+        client = ChatClient(self._session, spec.endpoint, key)
+
+        def on_trip(reason: str) -> None:  # a provider may echo the key in its message
+            self._halt(reason.replace(key, "<api key>") if key else reason)
+
+        return RowRunner(
+            spec, client, self._permits, pause_all=self._pause_all, price=price, on_trip=on_trip,
+            token_cost=self._tokens if spec.limits.tpm else None,
+            usd_cost=self._worst_usd if self._budgeted else None,
+            check=self._structured.check if self._structured else None,
+            extra_body=self._structured.request_fields() if self._structured else None)
+
+    def _prompt_tokens(self, msgs: list[dict[str, Any]]) -> int:
+        # _tokens and _worst_usd ask for the same row one after the other: count it once
+        if msgs is not self._counted[0]:
+            self._counted = (msgs, count_chat_tokens(msgs, self._spec.model))
+        return self._counted[1]
+
+    def _tokens(self, msgs: list[dict[str, Any]]) -> float:
+        """What the TPM limit counts: the prompt estimate plus max_tokens."""
+        return self._prompt_tokens(msgs) + self._spec.generation.max_tokens
+
+    def _worst_usd(self, msgs: list[dict[str, Any]]) -> float:
+        return worst_case_usd(self._price, self._prompt_tokens(msgs),
+                              self._spec.generation.max_tokens, margin=DEFAULT_MARGIN)
+
+    async def _lease(self, costs: list[float], usd: list[float] | None,
+                     settle: list[tuple[float, float]], spare: tuple[int, float]
+                     ) -> LeaseAnswer:
+        try:  # a limiter that never comes back must not hang the job silently
+            return await asyncio.wait_for(
+                self._limiter.lease.remote(costs, usd, settle, spare), LEASE_TIMEOUT_S)
+        except TimeoutError:
+            raise ClusterError(f"the rate limiter did not answer within {LEASE_TIMEOUT_S:.0f} s"
+                               ) from None
+
+    def _halt(self, reason: str) -> None:
+        """The breaker tripped: stop this worker's sends and reads now (as a spent budget
+        does), and the others' at their next lease; the driver reads the reason."""
+        self._limiter.halt.remote(reason)
+        self._permits.exhausted = True
+
+    def _pause_all(self, seconds: float) -> None:
+        self._permits.pause(seconds)
+        self._limiter.pause.remote(seconds)  # fire and forget: the others learn on next lease
+
+    async def _lane(self, runner: RowRunner, feed: _Feed) -> None:
+        """One request at a time, row after row: ``concurrency`` lanes share the worker's
+        semaphore, so there is no task per row (a lane is cheaper than a task a row)."""
+        while (row := await feed.next_row()) is not None:
+            async with self._sem:
+                self._in_flight += 1
+                try:
+                    rec = await runner.run(row)
+                finally:
+                    self._in_flight -= 1
+            if rec is not None:  # None: the budget refused it; the row stays unsent
+                feed.put(rec)
+
+    async def _feed(self, feed: _Feed) -> None:
+        runner = await self._setup()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(self._concurrency):
+                    tg.create_task(self._lane(runner, feed))
+            await self._permits.flush()  # the shard's last settlements
+        finally:
+            feed.ready.set()
+
+    def _table(self, recs: list[dict[str, Any]]) -> pa.Table:
+        self._done += len(recs)
+        self._ok += sum(r["status"] == "ok" for r in recs)
+        self._cost += sum(r.get("cost_usd") or 0.0 for r in recs)
+        self._metrics.observe(recs)
+        self._metrics.set_in_flight(self._in_flight)
+        return pa.Table.from_pylist(recs, schema=self._schema)
+
+    async def run_shard(self, shard: Shard, skip: set[str], key_box: list[Any],
+                        driver: DriverId | None = None) -> AsyncIterator[pa.Table]:
+        """Yield tables of finished rows of ``shard``, leaving out the ids in ``skip``.
+
+        ``key_box`` holds the reference to the API key, with every shard rather than once
+        in the constructor: Ray warns that a restarted actor whose constructor arguments
+        are in the object store may fail to start (ray#53727), and this way it cannot.
+        ``driver``: the process consuming this stream; once it exits, nothing is sent.
+        """
+        self._key_box = key_box
+        feed = _Feed(iter_shard_rows(self._spec, shard), skip, self._spec.flush_rows,
+                     lambda: self._permits.exhausted)
+        task = asyncio.create_task(self._feed(feed))
+        # answers sent to a dead driver are paid for and never written: stop at once
+        lifeline = asyncio.create_task(driver_exit(driver)) if driver else None
+        if lifeline is not None:
+            lifeline.add_done_callback(lambda _: task.cancel())
+        try:
+            while not task.done():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FLUSH_INTERVAL_S):
+                        await feed.ready.wait()  # flush_rows done, or the shard's end
+                feed.ready.clear()
+                if task.done():
+                    break
+                yield self._table(feed.take())  # empty when idle: the driver's heartbeat
+                feed.consumed()  # the yield returns once the driver took it (backpressure)
+            if recs := feed.take():  # answered (and paid for) even if the shard then failed
+                yield self._table(recs)
+            await task  # re-raises a read error of the shard
+        finally:
+            task.cancel()
+            if lifeline is not None:
+                lifeline.cancel()
+
+    def recent_sends(self) -> list[tuple[float, float]]:
+        return self._permits.recent_sends() if self._runner is not None else []
+
+    def progress(self) -> dict[str, float]:
+        """Live figures of this worker since it started (``batchrun status`` reads them)."""
+        return {"in_flight": self._in_flight, "done": self._done, "ok": self._ok,
+                "cost_usd": self._cost, "started_at": self._started, "now": time.time()}

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from batchrun.api.retry import pause_s, retry_after_s
+from batchrun.api.secrets import redact
 from batchrun.errors import (
     FatalRequestError,
     JobCannotSucceed,
@@ -102,7 +103,7 @@ class BatchProvider:
         what = f"{method} {self._base}{path.removeprefix('/v1')}: HTTP {status}"
         detail = _message(body)
         if self._key:
-            detail = detail.replace(self._key, "***")
+            detail = redact(detail, self._key)
         if status == 404 and (path.startswith("/v1/batches") or path == "/v1/files"):
             raise NoBatchApi(
                 f"endpoint {self._base} has no Batch API (404 on {path}); use mode: online "

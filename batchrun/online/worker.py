@@ -25,6 +25,7 @@ import pyarrow as pa
 import ray
 
 from batchrun.api.client import ChatClient, open_session
+from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
 from batchrun.api.tokens import count_chat_tokens
 from batchrun.errors import ClusterError
@@ -156,7 +157,7 @@ class Worker:
         client = ChatClient(self._session, spec.endpoint, key)
 
         def on_trip(reason: str) -> None:  # a provider may echo the key in its message
-            self._halt(reason.replace(key, "<api key>") if key else reason)
+            self._halt(redact(reason, key))
 
         return RowRunner(
             spec, client, self._permits, pause_all=self._pause_all, price=price, on_trip=on_trip,

@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from batchrun.errors import InputDataError, OutputError, ResumeRefused
+from batchrun.errors import InputDataError, ResumeRefused
+from batchrun.io.storage import commit_bytes
 from batchrun.spec import JobSpec
 
 __all__ = ["Fingerprint", "check_fingerprint", "find_duplicate_ids", "fingerprint",
@@ -105,14 +106,7 @@ def check_fingerprint(spec: JobSpec, files: list[str], *, force: bool,
             raise ResumeRefused(
                 f"{spec.output}: holds results of a different job run: {why}; use another "
                 "output folder, or --force to keep the old results and continue")
-    tmp = path.with_suffix(".json.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(new.model_dump_json(indent=2))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"output: cannot write {path} ({e.strerror or e}); fix the folder's "
-                          "permissions or free space and run the same command again") from None
+    commit_bytes(path, new.model_dump_json(indent=2).encode())
     return new
 
 

@@ -26,7 +26,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrun.errors import InputDataError, OutputError, ResumeRefused, SpecError
+from batchrun.errors import InputDataError, ResumeRefused, SpecError
+from batchrun.io.storage import commit_bytes
 from batchrun.spec import JobSpec
 
 __all__ = [
@@ -233,16 +234,7 @@ def record_plan(spec: JobSpec, files: list[str]) -> None:
     size, recorded = _planned_size(spec, files)
     if recorded:
         return
-    path = Path(spec.output) / PLAN_FILE
-    tmp = path.with_name(f".{PLAN_FILE}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"shard_rows": size}) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"output: cannot write {path} ({e.strerror or e}); fix the "
-                          "folder's permissions or free space and run the same command again"
-                          ) from e
+    commit_bytes(Path(spec.output) / PLAN_FILE, (json.dumps({"shard_rows": size}) + "\n").encode())
 
 
 def plan_shards(spec: JobSpec, files: list[str] | None = None) -> list[Shard]:

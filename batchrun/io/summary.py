@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
-from batchrun.errors import EXIT_PENDING, EXIT_ROW_ERRORS, BudgetExhausted
+from batchrun.errors import EXIT_PENDING, EXIT_ROW_ERRORS, BudgetExhausted, JobCannotSucceed
+from batchrun.io.storage import commit_bytes
 
 __all__ = ["Summary", "errors_line", "exit_code", "percentile", "render_summary", "save_summary",
            "summarize"]
@@ -149,12 +150,15 @@ def summarize(files: list[Path], *, job: str, wall_s: float, run_started: dateti
 
 def exit_code(s: Summary) -> int:
     """``batchrun run``'s exit code for a finished run: batches pending (10), budget
-    exhausted (4), some rows status=error (6), else 0. The CLI, the submitted job's
-    entrypoint and so the scheduler read the same answer."""
+    exhausted (4), rows left unsent for no reason the run gave (7: never a success),
+    some rows status=error (6), else 0. The CLI, the submitted job's entrypoint and so
+    the scheduler read the same answer."""
     if s.pending_batches:
         return EXIT_PENDING
     if s.budget_exhausted:
         return BudgetExhausted.exit_code
+    if s.unsent:
+        return JobCannotSucceed.exit_code
     return EXIT_ROW_ERRORS if s.errors else 0
 
 
@@ -169,9 +173,7 @@ def errors_line(s: Summary, rerun: str = "batchrun run JOB.yaml") -> str | None:
 
 
 def save_summary(summary: Summary, path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary.model_dump(), indent=2) + "\n")
-    tmp.replace(path)
+    commit_bytes(path, (json.dumps(summary.model_dump(), indent=2) + "\n").encode())
 
 
 def _fmt(x: float | None, unit: str = "") -> str:

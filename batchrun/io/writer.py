@@ -6,8 +6,8 @@ Layout of the output folder:
     parts/shard-000012/part-*.parquet checkpoints written while the shard runs
     summary.json                      written by summary.py at the end
 
-Every file is written to a temporary name in the same folder, fsynced, then
-renamed, so a reader (or a resumed job) sees a whole file or none. The driver
+Every file is committed by ``storage.commit`` (a temporary name in the same folder,
+fsynced, then renamed), so a reader (or a resumed job) sees a whole file or none. The driver
 is the only writer; workers hand it Arrow tables. A crash loses at most the
 rows not yet flushed to a part; a resume reads parts and finals to skip the
 rows already answered.
@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchrun.errors import OutputError
+from batchrun.io.storage import check_writable, commit_table, output_error
 
 log = logging.getLogger("batchrun")
 
@@ -64,26 +64,6 @@ def result_schema(carry: pa.Schema | None = None,
     return pa.schema(fields)
 
 
-def _atomic_write(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):  # the folder may be the unwritable thing
-            tmp.unlink(missing_ok=True)
-        raise OutputError(
-            f"output: cannot write {path} ({e.strerror or e}); fix the folder's permissions or "
-            "free space and run the same command again to resume"
-        ) from e
-
-
 class ResultsStore:
     """The output folder of one job, as seen by the driver."""
 
@@ -102,7 +82,7 @@ class ResultsStore:
         if table.num_rows:
             # time first, so names sort oldest first: the newest result of an id wins
             name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.parquet"
-            _atomic_write(table.cast(self.schema), self._parts_dir(shard_name) / name)
+            commit_table(self._parts_dir(shard_name) / name, table.cast(self.schema))
 
     def _existing(self, shard_name: str) -> Iterator[Path]:
         final = self.final_path(shard_name)
@@ -114,14 +94,7 @@ class ResultsStore:
 
     def check_writable(self) -> None:
         """Fail before any request is sent, not after paying for the first batch."""
-        probe = self.root / f".write-probe-{uuid.uuid4().hex[:8]}"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise OutputError(f"output: cannot write to {self.root} ({e.strerror or e}); "
-                              "fix the folder's permissions or choose another output") from e
+        check_writable(self.root)
 
     def _conform(self, table: pa.Table) -> pa.Table:
         """By column name: a file from a run with other optional columns (batch_id,
@@ -147,8 +120,7 @@ class ResultsStore:
                         path, e, dest)
             return None
         except OSError as e:
-            raise OutputError(f"output: cannot read {path} ({e.strerror or e}); fix the storage "
-                              "and run the same command again") from e
+            raise output_error(path, e, verb="read") from None
 
     def read_shard(self, shard_name: str) -> pa.Table | None:
         """Every result recorded for the shard, oldest first (duplicates not yet removed)."""
@@ -176,7 +148,7 @@ class ResultsStore:
         last = {rid: i for i, rid in enumerate(ids)}  # later rows are newer attempts
         if len(last) != len(ids):
             table = table.take(sorted(last.values()))
-        _atomic_write(table, self.final_path(shard_name))
+        commit_table(self.final_path(shard_name), table)
         # one rename retires every part at once: a crash while deleting cannot leave old
         # parts behind to outvote the final file on the next merge
         parts = self._parts_dir(shard_name)

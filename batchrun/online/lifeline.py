@@ -19,9 +19,8 @@ import os
 from dataclasses import dataclass
 
 import psutil
-import ray
 
-__all__ = ["DriverId", "driver_exit", "this_driver"]
+__all__ = ["DriverId", "driver_exit", "process_alive", "start_time", "this_driver"]
 
 POLL_S = 0.1  # where there is no pidfd (not Linux 5.3+)
 
@@ -35,16 +34,28 @@ class DriverId:
     started: float
 
 
+def start_time(pid: int | None = None) -> float:
+    """When process ``pid`` (this one by default) started: with its pid, its identity."""
+    return float(psutil.Process(pid).create_time())
+
+
+def process_alive(pid: int, started: float) -> bool:
+    """The one liveness check: ``pid`` runs and is the process that started at ``started``
+    (the kernel reuses pids, so a bare ``kill(pid, 0)`` can answer for a stranger)."""
+    try:
+        return start_time(pid) == started
+    except psutil.Error:  # gone, a zombie, or not ours to see
+        return False
+
+
 def this_driver() -> DriverId:
-    return DriverId(ray.get_runtime_context().get_node_id(), os.getpid(),
-                    psutil.Process().create_time())
+    import ray  # here, not at the top: ray_cluster (imported by the CLI) shares process_alive
+
+    return DriverId(ray.get_runtime_context().get_node_id(), os.getpid(), start_time())
 
 
 def _alive(driver: DriverId) -> bool:
-    try:
-        return psutil.Process(driver.pid).create_time() == driver.started
-    except psutil.Error:
-        return False
+    return process_alive(driver.pid, driver.started)
 
 
 async def _forever() -> None:
@@ -57,6 +68,8 @@ async def driver_exit(driver: DriverId) -> None:
     A driver on another node, or in another pid namespace, is not visible here: only a
     driver seen alive at the start is watched, so an invisible one never reads as dead.
     """
+    import ray
+
     if driver.node_id != ray.get_runtime_context().get_node_id() or not _alive(driver):
         await _forever()
     try:

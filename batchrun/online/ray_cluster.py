@@ -11,12 +11,15 @@ output folder, and ``status``/``stop`` of a spec read it back from there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 from pathlib import Path
 
-from batchrun.errors import ClusterError
+from batchrun.errors import ClusterError, OutputError
+from batchrun.io.storage import commit_bytes
+from batchrun.online.lifeline import process_alive, start_time
 
 __all__ = ["RECORD", "NoClusterError", "local_cluster", "record_cluster", "recorded_cluster"]
 
@@ -39,24 +42,10 @@ def record_cluster(output: str | Path, *, started: bool) -> None:
     import ray
 
     data = {"address": ray.get_runtime_context().gcs_address, "pid": os.getpid(),
-            "host": socket.gethostname(), "started_by_driver": started}
-    path = Path(output) / RECORD
-    tmp = path.with_name(f"{RECORD}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
-    except OSError:  # status then falls back to finding the cluster itself
-        tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
+            "pid_started": start_time(), "host": socket.gethostname(),
+            "started_by_driver": started}
+    with contextlib.suppress(OutputError):  # status then finds the cluster itself
+        commit_bytes(Path(output) / RECORD, json.dumps(data).encode())
 
 
 def recorded_cluster(output: str | Path) -> str | None:
@@ -67,11 +56,12 @@ def recorded_cluster(output: str | Path) -> str | None:
     try:
         data = json.loads((Path(output) / RECORD).read_text())
         address, pid, host = str(data["address"]), int(data["pid"]), data["host"]
+        started = float(data["pid_started"])  # an older record has none: read as no record
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if host != socket.gethostname() or not data.get("started_by_driver"):
         return address  # a cluster it joined outlives the driver
-    if _alive(pid) and address in _live_local_addresses():
+    if process_alive(pid, started) and address in _live_local_addresses():
         return address
     raise NoClusterError(f"its last run (pid {pid}) has ended, and the local Ray it started "
                          f"at {address} with it")

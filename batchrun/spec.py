@@ -43,16 +43,32 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY_PREFIXES = ("sk_", "hf_", "gsk_", "ghp_", "github_pat_", "AIza")
 
 
+_HEX_RE = re.compile(r"[0-9a-fA-F]{32,}")  # openssl rand -hex 16/32 (vLLM --api-key)
+# a run of 16+ letters and digits holding a digit: a token's body, not a word of a name
+_TOKEN_PART_RE = re.compile(r"(?=[A-Za-z]*[0-9])[A-Za-z0-9]{16,}")
+
+
 def _looks_like_key(value: str) -> bool:
     """True when ``api_key_env`` holds a key rather than an environment variable's name."""
     if not _ENV_NAME_RE.fullmatch(value):  # sk-..., xai-..., anything with - . / + =
         return True
     if value.startswith(_KEY_PREFIXES) and len(value) >= 20:  # hf_token is a fine name
         return True
+    if _HEX_RE.fullmatch(value):
+        return True
     # a long mix of lower case, upper case and digits is a token, not a variable name
     mixed = (any(c.islower() for c in value) and any(c.isupper() for c in value)
              and any(c.isdigit() for c in value))
     return len(value) >= 32 and mixed
+
+
+def _echoable(name: str) -> bool:
+    """Whether a message may repeat ``api_key_env``'s value. Rule: only a legal variable
+    name (lower case too: my_key) that no heuristic calls a key and has no part that reads
+    as a token's body (fw_3ZabcdEFGH12345678); a doubtful name is not repeated, since the
+    point is that no message ever shows a secret."""
+    return (not _looks_like_key(name)
+            and not any(_TOKEN_PART_RE.fullmatch(p) for p in name.split("_")))
 
 
 class _Model(BaseModel):
@@ -364,9 +380,13 @@ def resolve_api_key(spec: JobSpec, *, spec_path: str = "job spec") -> str | None
     if name is None:
         return None
     key = os.environ.get(name, "")
-    if not key:
+    if key:
+        return key
+    if not _echoable(name):  # it may be a pasted key: never repeat it
         raise SecretError(
-            f"{spec_path}: endpoint.api_key_env: environment variable {name} is unset or empty; "
-            f"export {name}=<your key>"
-        )
-    return key
+            f"{spec_path}: endpoint.api_key_env must name an environment variable that holds "
+            "the key, and it names none that is set (its value is not shown: it may be a "
+            "key); write e.g. OPENAI_API_KEY there and export OPENAI_API_KEY=<your key>")
+    raise SecretError(
+        f"{spec_path}: endpoint.api_key_env: environment variable {name} is unset or empty; "
+        f"export {name}=<your key>")

@@ -120,6 +120,8 @@ def test_output_beside_a_single_input_file_is_fine(tmp_path: Path) -> None:
     "sk-proj-Zq8" + "x7Kp2" * 8,  # an OpenAI-style key
     "sk_live_" + "a1B2c3D4" * 4,  # a valid variable name, but a key's prefix
     "Zq8x7Kp2Lm4nB6vC1xZ9" * 2,  # a bare token
+    "c" + "0f3a9e1b" * 7 + "d2e4b6a",  # openssl rand -hex 32 (vLLM --api-key): a legal name
+    "9" + "0f3a9e1b" * 7 + "d2e4b6a",  # the same, starting with a digit
 ])
 def test_a_key_pasted_into_api_key_env_is_never_echoed(tmp_path: Path, value: str) -> None:
     make_prompts(tmp_path / "in.parquet", 10)
@@ -130,6 +132,29 @@ def test_a_key_pasted_into_api_key_env_is_never_echoed(tmp_path: Path, value: st
         assert value not in p.stdout + p.stderr
         assert value[:12] not in p.stdout + p.stderr
         assert_clean_error(p, "endpoint.api_key_env", "environment variable", "OPENAI_API_KEY")
+
+
+def test_a_key_like_name_is_not_repeated_when_its_variable_is_unset(tmp_path: Path) -> None:
+    """A short key with a prefix is a legal variable name, so loading accepts it; the
+    "is unset" line must then not repeat it (it did: "environment variable fw_... is
+    unset")."""
+    value = "fw_3ZabcdEFGH12345678"
+    make_prompts(tmp_path / "in.parquet", 10)
+    spec = write_spec(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1",
+                                          "api_key_env": value})
+    p = run_cli("run", str(spec), "--no-dashboard", env={value: ""})
+    assert value not in p.stdout + p.stderr and "3ZabcdEFGH" not in p.stdout + p.stderr
+    assert_clean_error(p, "endpoint.api_key_env must name an environment variable",
+                       "value is not shown", "OPENAI_API_KEY")
+
+
+def test_an_unset_variable_is_named_when_it_reads_as_a_name(tmp_path: Path) -> None:
+    make_prompts(tmp_path / "in.parquet", 10)
+    for name in ("BATCHRUN_TEST_UNSET_KEY", "my_key"):  # lower case is a legal name too
+        spec = write_spec(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1",
+                                              "api_key_env": name})
+        p = run_cli("run", str(spec), env={name: ""})
+        assert_clean_error(p, f"environment variable {name} is unset", f"export {name}=")
 
 
 def test_api_key_env_naming_a_variable_is_accepted(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from batchrun.api.client import ChatClient, open_session
-from batchrun.errors import FatalRequestError
+from batchrun.errors import FatalRequestError, RequestError
 from batchrun.spec import EndpointSpec
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -25,7 +25,8 @@ def _answer(text: str) -> dict[str, Any]:
             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
 
 
-async def _complete(handler: Handler, body: dict[str, Any], max_bytes: int) -> Any:
+async def _complete(handler: Handler, body: dict[str, Any], max_bytes: int,
+                    key: str | None = None) -> Any:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
     runner = web.AppRunner(app)
@@ -37,7 +38,7 @@ async def _complete(handler: Handler, body: dict[str, Any], max_bytes: int) -> A
                             max_response_bytes=max_bytes)
     try:
         async with open_session(endpoint, 4) as session:
-            return await ChatClient(session, endpoint, None).complete(body)
+            return await ChatClient(session, endpoint, key).complete(body)
     finally:
         await runner.cleanup()
 
@@ -68,3 +69,29 @@ def test_integer_keys_in_extra_fields_are_sent_as_json_strings() -> None:
     done = asyncio.run(_complete(handler, body, max_bytes=1_000_000))
     assert done.text == "ok" and done.total_tokens == 5
     assert seen["logit_bias"] == {"50256": -100}
+
+
+KEY = "sk-proj-" + "Zq8x7Kp2" * 6
+
+
+@pytest.mark.parametrize(("status", "body", "content_type"), [
+    # a proxy quoting the key in its JSON error: masked in the message
+    (401, {"error": {"message": f"Incorrect API key provided: {KEY}."}}, "application/json"),
+    # the key across the 300-character cut of a long message: no prefix of it survives
+    (400, {"error": {"message": "x" * 290 + KEY}}, "application/json"),
+    # a plain-text body, the key across its 200-character cut
+    (502, "y" * 190 + KEY, "text/plain"),
+])
+def test_the_key_in_a_provider_error_is_masked_at_the_source(
+        status: int, body: Any, content_type: str) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        text = body if isinstance(body, str) else json.dumps(body)
+        return web.Response(status=status, text=text, content_type=content_type)
+
+    with pytest.raises(RequestError) as e:
+        asyncio.run(_complete(handler, {"model": "m", "messages": []}, 1_000_000, key=KEY))
+    message = str(e.value)
+    assert message.startswith(f"HTTP {status}: ") and e.value.status == status
+    assert KEY[:10] not in message and "Zq8x7Kp2" not in message, message
+    if status == 401:
+        assert message == "HTTP 401: Incorrect API key provided: <api key>."

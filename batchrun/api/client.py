@@ -15,7 +15,8 @@ by status code and exception class, never by message text:
     body over the size cap    -> FatalRequestError(response_too_large)
 
 Error messages carry the status and the provider's error text, never request
-headers, so the API key cannot leak through an exception.
+headers, and that text has the key masked (``secrets.redact``: a proxy may echo it), so
+the API key cannot leak through an exception.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import aiohttp
 import orjson  # several times faster than json both ways: a worker's main CPU cost per row
 
 from batchrun.api.retry import retry_after_s
+from batchrun.api.secrets import redact
 from batchrun.errors import FatalRequestError, RateLimited, RetryableError
 from batchrun.spec import EndpointSpec
 
@@ -53,13 +55,17 @@ def open_session(endpoint: EndpointSpec, concurrency: int) -> aiohttp.ClientSess
     return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
 
 
-def _provider_message(body: bytes) -> str:
+def _provider_message(body: bytes, key: str | None) -> str:
+    """The provider's error text, the key masked before it is cut short (a cut key would
+    leave a prefix that no longer matches it)."""
     try:
         err = orjson.loads(body).get("error", {})
         msg = err.get("message") if isinstance(err, dict) else str(err)
-        return str(msg)[:300] if msg else body[:200].decode("utf-8", "replace")
+        if msg:
+            return redact(str(msg), key)[:300]
     except (ValueError, AttributeError):
-        return body[:200].decode("utf-8", "replace")
+        pass
+    return redact(body.decode("utf-8", "replace"), key)[:200]
 
 
 def _parse(body: bytes) -> Completion:
@@ -90,6 +96,7 @@ class ChatClient:
         self._url = endpoint.base_url + "/chat/completions"
         self._max_bytes = endpoint.max_response_bytes
         self._headers = {"Content-Type": "application/json"}
+        self._key = api_key  # to mask it in every message built from the provider's answer
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
 
@@ -143,7 +150,9 @@ class ChatClient:
                                     error_type="client_error") from None
         if status == 200:
             return _parse(raw)
-        message = f"HTTP {status}: {_provider_message(raw)}"
+        # masked here, once: the row's error_message, the error-rate verdict, the limiter's
+        # halt reason, logs and the summary are all made from this text
+        message = f"HTTP {status}: {_provider_message(raw, self._key)}"
         if status == 429:
             raise RateLimited(message, retry_after=retry_after_s(headers))
         if status >= 500 or status in _RETRYABLE_4XX:

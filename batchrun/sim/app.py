@@ -41,6 +41,7 @@ __all__ = ["STATE", "MockState", "build_app"]
 
 _JSON = "application/json"
 _MAX_REQUEST_BYTES = 64 * 1024 * 1024  # aiohttp's 1 MiB default is below real prompt sizes
+_ECHO_SALT = 5  # salts 0-4 are taken (faults, answers, batch lines): a draw of its own
 
 
 def build_app(config: MockConfig, *, clock: Callable[[], float] = time.monotonic
@@ -75,10 +76,12 @@ def _error(status: int, message: str, type_: str, code: str | None = None,
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    echo = state.config.echo_key_in_errors
     if state.auth is not None and request.headers.get("Authorization") != state.auth:
         state.ledger.record(state.now(), 401, "unauthorized", "", 0, 0, "", False)
-        return _error(401, "Incorrect API key provided.", "invalid_request_error",
-                      "invalid_api_key")
+        return _error(401, f"Incorrect API key provided: {presented}." if echo else
+                      "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
     try:
         chat = parse_chat_request(json.loads(await request.read()))
     except (ValueError, BadRequest) as exc:  # JSONDecodeError and UnicodeError are ValueErrors
@@ -92,6 +95,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         state.ledger.record(now, 404, "model_not_found", "", 0, 0, chat.model, False)
         return _error(404, f"The model `{chat.model}` does not exist or you do not have "
                       "access to it.", "invalid_request_error", "model_not_found")
+    if echo and faults.unit(state.config.seed, len(state.ledger), _ECHO_SALT) < echo:
+        state.ledger.record(now, 400, "bad_request", "", 0, 0, chat.model, False)
+        return _error(400, f"Request rejected for key {presented}: this proxy refuses it.",
+                      "invalid_request_error")
     return await _admit_and_answer(state, request, chat, now)
 
 

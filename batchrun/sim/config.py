@@ -68,6 +68,10 @@ class MockConfig:
     batch_retry_after_s: float = _opt("--batch-retry-after", "Retry-After seconds of those "
                                       "429s", 1.0)
     api_key: str | None = _opt("--api-key", "required bearer key (default: none)", None)
+    # A careless proxy that quotes the caller's key in its errors: the client must mask it.
+    echo_key_in_errors: float = _opt("--echo-key-in-errors", "share answered 400 with a body "
+                                     "quoting the bearer key (also quoted in 401s when > 0)",
+                                     0.0)
     seed: int = _opt("--seed", "seed of the deterministic fault draw", 0)
     models: tuple[str, ...] = _opt("--model", "model listed by /v1/models (repeatable)",
                                    DEFAULT_MODELS)
@@ -99,6 +103,8 @@ class MockConfig:
             raise ValueError("batch_fail_every and batch_expire_every must be >= 0")
         if self.batch_429_first < 0 or self.batch_retry_after_s < 0:
             raise ValueError("batch_429_first and batch_retry_after_s must be >= 0")
+        if not 0.0 <= self.echo_key_in_errors <= 1.0:
+            raise ValueError("echo_key_in_errors must lie in [0, 1]")
         answer_rates = (self.invalid_json_rate, self.truncate_rate)
         if any(not 0.0 <= r <= 1.0 for r in answer_rates) or sum(answer_rates) > 1.0 + 1e-9:
             raise ValueError("invalid_json_rate and truncate_rate must lie in [0, 1], sum <= 1")

@@ -22,12 +22,13 @@ from conftest import make_prompts, write_spec
 
 from batchrun.api.client import Completion
 from batchrun.batch import run_batch_job
-from batchrun.batch.run import CRASH_HOOK_ENV, batch_status, cancel_batches
+from batchrun.batch.run import batch_status, cancel_batches
 from batchrun.errors import RetryableError, UserError
 from batchrun.io.shards import plan_shards
 from batchrun.io.summary import summarize
 from batchrun.io.writer import ResultsStore
-from batchrun.sim import MockConfig, answer_for, start_in_thread, start_subprocess
+from batchrun.sim import MockConfig, answer_for, start_in_thread
+from batchrun.sim.batches import BATCHES
 from batchrun.spec import JobSpec, load_spec
 
 KEY_ENV = "BATCHRUN_TEST_BATCH_KEY"
@@ -182,8 +183,8 @@ _DRIVER = ("import sys; from batchrun.spec import load_spec; "
            "run_batch_job(load_spec(sys.argv[1]), wait=True, initial_poll_s=0.05)")
 
 
-def _driver(spec_path: Path, **env: str) -> subprocess.Popen[bytes]:
-    child_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+def _driver(spec_path: Path) -> subprocess.Popen[bytes]:
+    child_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-c", _DRIVER, str(spec_path)], env=child_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -193,19 +194,24 @@ def _state(spec: JobSpec) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"chunks": []}
 
 
-def _crash_and_rerun(tmp_path: Path, stop_when: str, env: dict[str, str],
-                     expect_step: str) -> None:
-    with start_subprocess(MockConfig(batch_delay_s=1.5, api_key=KEY)) as srv:
+def _crash_and_rerun(tmp_path: Path, hold_create: bool, expect_step: str) -> None:
+    """Kill -9 the driver once a chunk is recorded ``created``, or (``hold_create``) while
+    the provider holds back the answer to the batch it just created (the ledger shows it):
+    a batch that exists but that the state never recorded."""
+    with start_in_thread(MockConfig(batch_delay_s=1.5, api_key=KEY)) as srv:
         spec = _spec(tmp_path, srv.base_url)
-        proc = _driver(tmp_path / "job.yaml", **env)
+        srv.app[BATCHES].create_answer_delay_s = 60.0 if hold_create else 0.0
+        proc = _driver(tmp_path / "job.yaml")
         deadline = time.monotonic() + 30
         while proc.poll() is None and time.monotonic() < deadline:
-            if any(c["step"] == stop_when for c in _state(spec)["chunks"]):
+            if (any(r["outcome"] == "batch_created" for r in srv.records()) if hold_create
+                    else any(c["step"] == "created" for c in _state(spec)["chunks"])):
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.01)
         proc.wait(10)
-        assert proc.returncode in (-9, 9), proc.stderr.read() if proc.stderr else ""
+        srv.app[BATCHES].create_answer_delay_s = 0.0  # releases the held answer
+        assert proc.returncode == -9, proc.stderr.read() if proc.stderr else ""
         steps = [c["step"] for c in _state(spec)["chunks"]]
         assert "collected" not in steps and _results(spec) == []
         assert expect_step in steps
@@ -222,12 +228,12 @@ def _crash_and_rerun(tmp_path: Path, stop_when: str, env: dict[str, str],
 
 
 def test_kill_9_after_batches_are_created(tmp_path: Path) -> None:
-    _crash_and_rerun(tmp_path, "created", {}, expect_step="created")
+    _crash_and_rerun(tmp_path, hold_create=False, expect_step="created")
 
 
 def test_crash_between_create_and_recording_it(tmp_path: Path) -> None:
-    # The hook exits right after POST /v1/batches answers: the state still says uploaded.
-    _crash_and_rerun(tmp_path, "never", {CRASH_HOOK_ENV: "1"}, expect_step="uploaded")
+    # Killed while POST /v1/batches is answered: the state still says uploaded.
+    _crash_and_rerun(tmp_path, hold_create=True, expect_step="uploaded")
 
 
 def test_check_rejects_answers_and_extra_columns(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from conftest import make_prompts, write_spec
 from batchrun.batch import run_batch_job
 from batchrun.errors import JobCannotSucceed, ResumeRefused
 from batchrun.sim import MockConfig, start_in_thread
+from batchrun.sim.batches import BATCHES
 from batchrun.spec import JobSpec, load_spec
 
 KEY_ENV = "BATCHRUN_TEST_RETRY_KEY"
@@ -144,3 +145,22 @@ def test_other_batch_failures_exit_with_documented_codes(tmp_path: Path,
     with pytest.raises(ResumeRefused) as r:  # was a pydantic traceback
         run_batch_job(spec, initial_poll_s=0.05)
     assert r.value.exit_code == 2 and "state.json is unreadable" in str(r.value)
+
+
+def test_create_that_times_out_is_found_not_made_twice(tmp_path: Path) -> None:
+    # Each create's answer comes after the client gave up on it (read timeout), though
+    # the batch exists: create retries under the provider's one retry loop, and before
+    # each retry looks the batch up by metadata, so each chunk gets one batch.
+    with start_in_thread(MockConfig(batch_delay_s=0.3, api_key=KEY)) as srv:
+        srv.app[BATCHES].create_answer_delay_s = 3.0
+        path = write_spec(tmp_path, mode="batch", shard_rows=40, retry=RETRY,
+                          batch={"max_requests_per_file": 30, "poll_interval_s": 0.2},
+                          endpoint={"base_url": srv.base_url, "api_key_env": KEY_ENV,
+                                    "read_timeout_s": 1.0})
+        make_prompts(tmp_path / "in.parquet", N, row_group=50)
+        out = run_batch_job(load_spec(str(path)), initial_poll_s=0.05)
+        stats = srv.stats()
+    assert out.pending == 0 and len(out.batches) == 3
+    _one_ok_per_row(tmp_path)
+    assert stats["by_outcome"]["batch_created"] == 3 and stats["ok"] == N
+    assert stats["duplicate_ok_prompts"] == 0

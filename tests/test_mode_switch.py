@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -249,3 +253,74 @@ def test_batch_resume_uses_online_check_and_force(tmp_path: Path, server: Runnin
     assert {line["body"]["max_tokens"] for line in _chunk_lines(b)} == {24}
     _one_ok_per_row(b)
     assert server.stats()["ok"] == seen + N
+
+
+def _items_of(final: Path) -> list[int]:
+    return sorted(int(i[1:]) for i in pq.read_table(final)["id"].to_pylist())
+
+
+def test_rows_whose_result_vanished_are_sent_again_in_batch_mode(
+        tmp_path: Path, server: RunningServer) -> None:
+    spec = _job(tmp_path, server.base_url)
+    done = _run(spec, "--mode", "batch")
+    assert done.exit_code == 0, done.output
+    finals = sorted((tmp_path / "out" / "results").glob("shard-*.parquet"))
+    assert len(finals) >= 3
+    # A final file deleted, then one corrupted (quarantined on read): batch mode must
+    # send exactly those rows again (it used to send nothing and exit 0).
+    resent = 0
+    for damage, final in (("delete", finals[1]), ("corrupt", finals[-1])):
+        lost = _items_of(final)
+        resent += len(lost)
+        if damage == "delete":
+            final.unlink()
+        else:
+            final.write_bytes(b"not parquet")
+        seen = len(server.records())
+        again = _run(spec, "--mode", "batch")
+        assert again.exit_code == 0, again.output
+        new_ok = [r["key"] for r in server.records(seen) if r["outcome"] == "ok"]
+        assert sorted(new_ok) == sorted(_key_of(i) for i in lost), damage
+        _one_ok_per_row(tmp_path)
+    assert server.stats()["duplicate_ok_prompts"] == resent  # those rows, nothing else
+
+
+_CLI = "from batchrun.cli import main; main()"
+
+
+def test_batch_killed_while_creating_refuses_online_then_batch_adopts(
+        tmp_path: Path, server: RunningServer) -> None:
+    spec = _job(tmp_path, server.base_url)
+    store = server.app[BATCHES]
+    store.create_answer_delay_s = 60.0  # the batch exists; its answer is held back
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _CLI, "run", str(spec), "--mode", "batch",
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(r["outcome"] == "batch_created" for r in server.records()):
+            proc.send_signal(signal.SIGKILL)  # between the create and recording it
+            break
+        time.sleep(0.01)
+    proc.wait(10)
+    store.create_answer_delay_s = 0.0
+    assert proc.returncode == -9, proc.stderr.read() if proc.stderr else ""
+    state = json.loads((tmp_path / "out" / "batch" / "state.json").read_text())
+    assert [c["step"] for c in state["chunks"]][:1] == ["uploaded"]
+    while any(b.obj["status"] not in ("completed", "failed") for b in store.batches.values()):
+        time.sleep(0.05)  # the unrecorded batch answers its rows (and bills them)
+    before = server.stats()
+
+    online = _run(spec)  # would send, and pay again, the rows that batch answers
+    assert online.exit_code == 2, online.output
+    err = [line for line in online.output.splitlines() if "error" in line]
+    assert len(err) == 1 and "run --mode batch once to adopt or clear" in err[0]
+    assert server.stats() == before  # nothing sent
+
+    adopted = _run(spec, "--mode", "batch")
+    assert adopted.exit_code == 0, adopted.output
+    _one_ok_per_row(tmp_path)
+    done = server.stats()
+    assert done["by_outcome"]["batch_created"] == 3  # one batch per chunk: adopted, not made
+    assert done["ok"] == N and done["duplicate_ok_prompts"] == 0  # every row once

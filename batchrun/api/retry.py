@@ -31,8 +31,11 @@ def retry_after_s(headers: Any) -> float | None:
     return None
 
 
-def pause_s(err: RetryableError, attempt: int, policy: RetrySpec, rng: random.Random) -> float:
+def pause_s(err: RetryableError, attempt: int, policy: RetrySpec, rng: random.Random,
+            cap_s: float | None = None) -> float:
     """The wait before attempt ``attempt + 1``: the backoff, but never shorter than the
-    Retry-After the provider asked for (429, and 5xx where it sends one)."""
+    Retry-After the provider asked for (429, and 5xx where it sends one), and never
+    longer than ``cap_s`` if given (a proxy may ask for a day)."""
     asked = getattr(err, "retry_after", None)
-    return max(backoff_s(attempt, policy, rng), asked or 0.0)
+    wait = max(backoff_s(attempt, policy, rng), asked or 0.0)
+    return wait if cap_s is None else min(wait, cap_s)

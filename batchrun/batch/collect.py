@@ -6,7 +6,8 @@ answered otherwise, or never run: expired, cancelled). Lines are matched to rows
 again from their shard. Each row of a chunk ends in exactly one of:
 
     a record, status ok          the answer, billed at the batch price
-    a record, status error       a fatal error, a bad row, or no attempts left
+    a record, status error       a fatal error, a bad row, or no attempts left; an answer
+                                 the check refused keeps its text, tokens and cost (paid)
     a retry                      a retryable error with attempts left (new batch or online)
 """
 
@@ -38,6 +39,7 @@ class ChunkResults:
     retry: list[tuple[int, int, RequestRow]] = field(default_factory=list)  # shard, pos, row
     ok: int = 0
     errors: int = 0
+    paid_usd: float = 0.0  # every answer billed, retried ones included (for the budget)
 
 
 def parse_lines(*contents: bytes) -> dict[str, dict[str, Any]]:
@@ -119,13 +121,20 @@ class _Recorder:
         rec.update(kw)
         return rec
 
-    def ok(self, row: RequestRow, c: Completion, extra: dict[str, Any]) -> dict[str, Any]:
-        cost = (cost_usd(self.price, c.prompt_tokens, c.completion_tokens, batch=True)
+    def cost(self, c: Completion) -> float | None:
+        return (cost_usd(self.price, c.prompt_tokens, c.completion_tokens, batch=True)
                 if self.price else None)
-        return self.base(row, status="ok", response=c.text, finish_reason=c.finish_reason,
-                         prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                         total_tokens=c.total_tokens, cost_usd=cost,
-                         latency_ms=self.latency_ms, **extra)
+
+    def answer(self, c: Completion) -> dict[str, Any]:
+        """The billed answer's fields: on ok records, and on the error record of an
+        answer the check refused (it was paid, and it shows what to fix)."""
+        return {"response": c.text, "finish_reason": c.finish_reason,
+                "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                "total_tokens": c.total_tokens, "cost_usd": self.cost(c)}
+
+    def ok(self, row: RequestRow, c: Completion, extra: dict[str, Any]) -> dict[str, Any]:
+        return self.base(row, status="ok", latency_ms=self.latency_ms, **self.answer(c),
+                         **extra)
 
     def error(self, row: RequestRow, error_type: str, message: str | None,
               **kw: Any) -> dict[str, Any]:
@@ -134,12 +143,14 @@ class _Recorder:
 
 def _judge(outcome: Completion | RequestError, check: Check | None
            ) -> tuple[Completion | None, dict[str, Any], RequestError | None]:
+    """(the answer, check's columns, the error): an answer the check refuses comes back
+    with its error, since it was billed all the same."""
     if isinstance(outcome, RequestError):
         return None, {}, outcome
     try:
         return outcome, (check(outcome) if check else {}), None
     except RequestError as e:  # invalid structured output: like a per-line error
-        return None, {}, e
+        return outcome, {}, e
 
 
 def collect_chunk(spec: JobSpec, chunk: ChunkState, shards: dict[int, Shard],
@@ -157,13 +168,15 @@ def collect_chunk(spec: JobSpec, chunk: ChunkState, shards: dict[int, Shard],
                 continue
             line = lines.get(custom_id(sidx, pos))
             completion, extra, err = _judge(line_outcome(line, batch_status), check)
-            if completion is not None:
+            paid = rec.answer(completion) if completion is not None else {}
+            out.paid_usd += paid.get("cost_usd") or 0.0
+            if err is None:
+                assert completion is not None
                 records.append(rec.ok(row, completion, extra))
                 out.ok += 1
             elif isinstance(err, RetryableError) and can_retry:
                 out.retry.append((sidx, pos, row))
             else:
-                assert err is not None
-                records.append(rec.error(row, err.error_type, str(err)))
+                records.append(rec.error(row, err.error_type, str(err), **paid))
                 out.errors += 1
     return out

@@ -77,7 +77,6 @@ class Planner:
         crash leaves each row either in its old chunk or waiting to be planned."""
         gone = {c.seq for c in chunks}
         self.state.chunks = [c for c in self.state.chunks if c.seq not in gone]
-        self.state.planned = False
         self.save()
         for c in chunks:
             with contextlib.suppress(OSError):  # a leftover file is only untidy
@@ -132,12 +131,10 @@ class Planner:
             self._drop([c for c in unsent if c.seq in dirty])
 
     def plan(self) -> None:
-        """Rows with no result, in no open chunk, not left for online: into new chunks."""
-        if self.state.planned:
-            return
+        """Rows with no result, in no open chunk, not left for online: into new chunks.
+        Asked every run, never remembered: a result can vanish after its chunk was
+        collected (a final file deleted, a corrupt one quarantined, ``--force``)."""
         self.new_chunks(self._unplanned(), attempt=1)
-        self.state.planned = True
-        self.save()
 
     def _unplanned(self) -> Iterator[Row]:
         for sidx in sorted(self.shards):

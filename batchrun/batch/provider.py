@@ -1,17 +1,19 @@
 """An aiohttp client of the OpenAI Files and Batch APIs, the one boundary for their errors.
 
     404 on /v1/files or /v1/batches  -> NoBatchApi (a UserError naming the fallback)
-    401 / 403                        -> UserError (check the key variable)
+    401 / 403                        -> JobCannotSucceed (exit 7, as online's breaker)
     429                              -> RateLimited (with the provider's Retry-After)
     408, 409, 5xx                    -> Busy (with Retry-After, which a 503 often sends)
     timeouts, resets, non-JSON       -> RetryableError
     other 4xx                        -> FatalRequestError
 
-Every call but ``create`` is retried here with the job's ``retry`` policy, the one online
-mode uses (``api.retry``, full jitter), never waiting less than Retry-After; when
-the attempts run out the job stops with ``JobCannotSucceed`` (exit 7), and the state on
-disk lets the same command continue. ``create`` is tried once: a blind retry could
-create, and bill, a batch twice, so the driver looks for it before trying again.
+Every call is retried here with the job's ``retry`` policy, the one online mode uses
+(``api.retry``, full jitter), never waiting less than Retry-After nor more than
+``MAX_RETRY_AFTER_S`` (a wait over ``LONG_WAIT_S`` is logged); when the attempts run
+out the job stops with ``JobCannotSucceed`` (exit 7), and the state on disk lets the same
+command continue. ``create`` is special: a failed create may still have made the batch,
+and a blind retry would create, and bill, it twice, so before each retry the caller's
+``find`` looks for it.
 
 Messages carry the status and the provider's error text (with the key masked, should a
 proxy echo it), never request headers: the key goes only into the Authorization header.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -41,9 +44,15 @@ from batchrun.errors import (
 )
 from batchrun.spec import EndpointSpec, RetrySpec
 
-__all__ = ["TERMINAL", "BatchProvider", "Busy", "NoBatchApi", "gave_up"]
+__all__ = ["LONG_WAIT_S", "MAX_RETRY_AFTER_S", "TERMINAL", "BatchProvider", "Busy", "NoBatchApi",
+           "gave_up"]
 
 T = TypeVar("T")
+log = logging.getLogger("batchrun")
+# A Retry-After longer than this is cut to it: a proxy asking for a day would otherwise
+# park the job silently; retrying sooner costs at most another refused call.
+MAX_RETRY_AFTER_S = 600.0
+LONG_WAIT_S = 30.0  # waits longer than this are logged (WARNING), naming the call
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
@@ -108,24 +117,39 @@ class BatchProvider:
             raise NoBatchApi(
                 f"endpoint {self._base} has no Batch API (404 on {path}); use mode: online "
                 "or batch.fallback: online")
-        if status in (401, 403):
-            raise UserError(f"{what}: {detail}; check the key in endpoint.api_key_env")
+        if status in (401, 403):  # the key is refused: every later call would be too
+            raise JobCannotSucceed(f"batch API: {what}: {detail}; check the key in "
+                                   "endpoint.api_key_env, then run the same command again")
         if status == 429:
             raise RateLimited(f"{what}: {detail}", retry_after=retry_after_s(headers))
         if status in (408, 409) or status >= 500:
             raise Busy(f"{what}: {detail}", status=status, retry_after=retry_after_s(headers))
         raise FatalRequestError(f"{what}: {detail}", status=status, error_type=f"http_{status}")
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
-        """``call`` under the job's retry policy; ``JobCannotSucceed`` once it is spent."""
+    def pause(self, err: RetryableError, attempt: int) -> float:
+        """Seconds to wait after ``err`` on ``attempt``: the policy's, Retry-After capped at
+        ``MAX_RETRY_AFTER_S``; a long wait is logged with the call it is for."""
+        wait = pause_s(err, attempt, self._policy, self._rng, cap_s=MAX_RETRY_AFTER_S)
+        if wait > LONG_WAIT_S:
+            log.warning("batch API: %s; waiting %.0f s before attempt %d", err, wait,
+                        attempt + 1)
+        return wait
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]],
+                        find: Callable[[], Awaitable[T | None]] | None = None) -> T:
+        """``call`` under the job's retry policy; ``JobCannotSucceed`` once it is spent.
+        ``find``, if given, runs after each failure: what it returns (not None) is what
+        the failed call did after all, and is returned instead of retrying."""
         attempt = 1
         while True:
             try:
                 return await call()
             except RetryableError as e:
+                if find is not None and (found := await find()) is not None:
+                    return found
                 if attempt >= self._policy.max_attempts:
                     raise gave_up(e, attempt) from None
-                await asyncio.sleep(pause_s(e, attempt, self._policy, self._rng))
+                await asyncio.sleep(self.pause(e, attempt))
                 attempt += 1
 
     async def _request(self, method: str, path: str, **kw: Any) -> bytes:
@@ -187,12 +211,14 @@ class BatchProvider:
     async def content(self, file_id: str) -> bytes:
         return await self._retrying(lambda: self._request("GET", f"/v1/files/{file_id}/content"))
 
-    async def create(self, file_id: str, window: str, metadata: dict[str, str]
-                     ) -> dict[str, Any]:
-        """POST /v1/batches, one attempt only (see the module docs)."""
+    async def create(self, file_id: str, window: str, metadata: dict[str, str],
+                     find: Callable[[], Awaitable[dict[str, Any] | None]]) -> dict[str, Any]:
+        """POST /v1/batches; after a failure ``find`` looks for the batch the failed call
+        may have made (by its ``metadata``) before it is tried again (see the module docs)."""
         body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
                 "completion_window": window, "metadata": metadata}
-        return await self._json("POST", "/v1/batches", json=body, need_id=True)
+        return await self._retrying(
+            lambda: self._json("POST", "/v1/batches", json=body, need_id=True), find)
 
     async def retrieve(self, batch_id: str) -> dict[str, Any]:
         return await self._retrying(lambda: self._json("GET", f"/v1/batches/{batch_id}"))

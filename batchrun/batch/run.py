@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,11 +29,10 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from batchrun.api.retry import pause_s
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
 from batchrun.batch.gate import ChunkBudget, row_worst_usd
 from batchrun.batch.plan import Planner
-from batchrun.batch.provider import TERMINAL, BatchProvider, NoBatchApi, gave_up
+from batchrun.batch.provider import TERMINAL, BatchProvider, NoBatchApi
 from batchrun.batch.state import (
     OPEN_STEPS,
     BatchJobState,
@@ -46,7 +43,7 @@ from batchrun.batch.state import (
     fingerprint_sha,
     to_ranges,
 )
-from batchrun.errors import JobCannotSucceed, RequestError, RetryableError
+from batchrun.errors import JobCannotSucceed, RequestError
 from batchrun.io.resume import check_fingerprint
 from batchrun.io.shards import (
     RequestRow,
@@ -61,11 +58,9 @@ from batchrun.money.budget import DailyLedger
 from batchrun.money.pricing import ModelPrice, price_for, worst_case_usd
 from batchrun.spec import JobSpec, resolve_api_key
 
-__all__ = ["CRASH_HOOK_ENV", "BatchOutcome", "batch_status", "cancel_batches", "run_batch_job"]
+__all__ = ["BatchOutcome", "batch_status", "cancel_batches", "run_batch_job"]
 
 log = logging.getLogger("batchrun")
-# Test hook: exit right after POST /v1/batches answers, before the state records it.
-CRASH_HOOK_ENV = "BATCHRUN_TEST_CRASH_AFTER_CREATE"
 T = TypeVar("T")
 
 
@@ -99,7 +94,6 @@ class _Driver:
         self.sf = StateFile(spec.output)
         self.state: BatchJobState = self.sf.load(spec, tag)
         self.fingerprint = self.state.fingerprint  # the metadata tag, fixed for the state
-        self.rng = random.Random()
         self.planner = Planner(spec, self.shards, store, self.state, self.sf.dir,
                                extra_body=extra_body, worst=self._worst, save=self.save)
         committed = store.spent_usd() + sum(
@@ -129,8 +123,10 @@ class _Driver:
         return {"job": self.spec.name, "chunk": str(c.seq), "fingerprint": self.fingerprint,
                 "attempt": str(c.attempt)}
 
-    async def recover_unrecorded(self) -> None:
-        """Adopt batches created for ``uploaded`` chunks just before a crash."""
+    async def recover_unrecorded(self, *, clear: bool = True) -> None:
+        """Adopt batches created for ``uploaded`` chunks just before a crash; with
+        ``clear``, a chunk the provider has no batch for goes back to ``written`` (its
+        upload kept), so it no longer holds online runs back (``refuse_open_batches``)."""
         waiting = {str(c.seq): c for c in self.state.chunks if c.step == "uploaded"}
         if not waiting:
             return
@@ -142,6 +138,9 @@ class _Driver:
             if (c is not None and c.batch_id is None and meta.get("job") == self.spec.name
                     and meta.get("fingerprint") == self.fingerprint):
                 self._mark_created(c, b)
+        for c in waiting.values():
+            if clear and c.step == "uploaded":
+                c.step = "written"
         self.save()
 
     def _mark_created(self, c: ChunkState, b: dict[str, Any]) -> None:
@@ -158,37 +157,24 @@ class _Driver:
         if not self.gate.admit(c.seq, c.worst_usd):
             return  # over the budget: the chunk stays unsent for a later run
         if c.step == "written":
-            f = await self.p.upload(self.sf.dir / c.file)
-            c.file_id, c.step = str(f["id"]), "uploaded"
+            if c.file_id is None:  # a chunk sent back from uploaded keeps its file
+                f = await self.p.upload(self.sf.dir / c.file)
+                c.file_id = str(f["id"])
+            c.step = "uploaded"  # from here a batch may exist: online runs are refused
             self.save()
         if c.step == "uploaded":
-            b = await self._create_once(c)
-            if b is None:
-                return  # found: an earlier attempt had created it after all
-            if os.environ.get(CRASH_HOOK_ENV) == "1":
-                os._exit(9)
-            self._mark_created(c, b)
-            c.created_at = time.time()
+            b = await self.p.create(c.file_id or "", self.spec.batch.completion_window,
+                                    self._metadata(c), find=lambda: self._find(c))
+            if c.step != "created":  # made by this call, not found after a failed one
+                self._mark_created(c, b)
+                c.created_at = time.time()
             self.save()
 
-    async def _create_once(self, c: ChunkState) -> dict[str, Any] | None:
-        """Create the chunk's batch. A failed create may still have made the batch (a
-        timeout, a 5xx after the fact), so before every retry look for it by metadata:
-        a blind retry would create, and bill, the chunk twice."""
-        assert c.file_id is not None
-        attempt = 1
-        while True:
-            try:
-                return await self.p.create(c.file_id, self.spec.batch.completion_window,
-                                           self._metadata(c))
-            except RetryableError as e:
-                await self.recover_unrecorded()
-                if c.step == "created":
-                    return None
-                if attempt >= self.spec.retry.max_attempts:
-                    raise gave_up(e, attempt) from None
-                await asyncio.sleep(pause_s(e, attempt, self.spec.retry, self.rng))
-                attempt += 1
+    async def _find(self, c: ChunkState) -> dict[str, Any] | None:
+        """After a failed create: the batch it made after all (a timeout, a 5xx after the
+        fact), looked up by metadata; None if there is none and it must be tried again."""
+        await self.recover_unrecorded(clear=False)  # a retry is coming: still uploaded
+        return {"id": c.batch_id} if c.step == "created" else None
 
     async def poll(self, c: ChunkState) -> bool:
         """Ask for a created batch's status; collect it if it ended. True if it ended."""
@@ -222,8 +208,7 @@ class _Driver:
         res = collect_chunk(self.spec, c, self.shards, lines, c.batch_status or "completed",
                             price=self.price, check=self.check,
                             can_retry=online or c.attempt < self.spec.retry.max_attempts)
-        self.gate.settle(c.seq, sum(r.get("cost_usd") or 0.0
-                                    for recs in res.records.values() for r in recs))
+        self.gate.settle(c.seq, res.paid_usd)  # refused answers were billed too
         for sidx, records in res.records.items():
             if records:
                 table = pa.Table.from_pylist(records, schema=self.store.schema)

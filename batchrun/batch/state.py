@@ -87,8 +87,8 @@ class BatchJobState(_Strict):
     job_sha256: str | None = Field(
         default=None, description="fingerprint_sha of OUTPUT/job.json when the unsent chunks "
         "were written (None: unknown, e.g. a state from an older batchrun).")
-    planned: bool = Field(default=False, description="Every row without a result is in some "
-                          "chunk (or left for the online path).")
+    planned: bool = Field(default=False, description="Unused: read so that state files of "
+                          "older batchrun load (every run plans the rows without a result).")
     next_seq: int = Field(default=0, description="Number of the next chunk.")
     chunks: list[ChunkState] = Field(default_factory=list)
     fallback: Ranges = Field(
@@ -171,14 +171,23 @@ class StateFile:
 
 
 def refuse_open_batches(spec: JobSpec) -> None:
-    """Online mode must not send rows that an open batch will also answer, and bill."""
+    """Online mode must not send rows that an open batch will also answer, and bill. A
+    chunk at ``uploaded`` may have one: a batch run stopped between the create call and
+    recording its answer, and only the provider knows (a batch run asks it)."""
     sf = StateFile(spec.output)
     if not sf.path.exists():
         return
-    n = sum(1 for c in sf.load(spec).chunks if c.step in PAID_STEPS)
+    chunks = sf.load(spec).chunks
+    n = sum(1 for c in chunks if c.step in PAID_STEPS)
     if n:
         raise ResumeRefused(
             f"output: {spec.output}: {n} batch(es) of this job are still open with the "
             "provider and their rows are paid for; collect them first with --mode batch "
             "(or cancel them with `batchrun stop`, then collect with --mode batch), then run "
             "online to finish the rest")
+    maybe = sum(1 for c in chunks if c.step == "uploaded")
+    if maybe:
+        raise ResumeRefused(
+            f"output: {spec.output}: {maybe} chunk(s) of this job may be open batches with "
+            "the provider (a batch run stopped while creating them); run --mode batch once "
+            "to adopt or clear them, then run online to finish the rest")

@@ -103,6 +103,12 @@ def run(
         err_console.print(f"budget exhausted: {summary.unsent:,} rows left unsent; raise "
                           "budget.max_cost_usd (or wait for a new day) and run again to resume")
         raise typer.Exit(BudgetExhausted.exit_code)
+    if summary.unsent:  # rows with no result and no reason given: never a success
+        err_console.print(f"batchrun: error: {summary.unsent:,} rows were left unsent for no "
+                          "reason the run knows of, so the job cannot count as done; run the "
+                          "same command again to send them", highlight=False, soft_wrap=True,
+                          markup=False)
+        raise typer.Exit(exit_code(summary))
     if line := errors_line(summary, f"batchrun run {spec}"):  # cron and CI must see them
         err_console.print(line, highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(exit_code(summary))

@@ -17,6 +17,8 @@ Like a proxy's key limit, the first ``batch_429_first`` calls to any of these ro
 (after the key check) are answered 429 with ``Retry-After: batch_retry_after_s``; each
 is a ledger record (``rate_limited``, key = ``METHOD /path``), so a test can read when
 the client came back.
+``app[BATCHES].create_answer_delay_s`` holds back a create's answer after the batch
+exists (and is in the ledger): a test kills the driver meanwhile, as a crash would.
 """
 
 from __future__ import annotations
@@ -51,8 +53,7 @@ _LINE_ERROR_SALT = 4  # fault draws: 0-2 transport faults, 3 structured answers
 
 
 def _register_outcomes() -> None:
-    # The ledger's outcome list is append-only by design; batch outcomes join its end.
-    # Older ledgers without "batch_created" in OUTCOMES: register it; now a no-op.
+    # The ledger's outcome list is append-only: batch outcomes join its end (a no-op now).
     for name in BATCH_OUTCOMES:
         if name not in ledger_mod.OUTCOMES:
             ledger_mod._OUTCOME_INDEX[name] = len(ledger_mod.OUTCOMES)
@@ -92,6 +93,7 @@ class BatchStore:
         self.batches: dict[str, _Batch] = {}
         self.created = 0
         self.calls = 0  # Files/Batch API calls that passed the key check
+        self.create_answer_delay_s = 0.0  # read while waiting: 0 releases a held answer
 
     def add_file(self, filename: str, purpose: str, data: bytes) -> MockFile:
         f = MockFile(f"file-{os.urandom(12).hex()}", filename, purpose, data, int(time.time()))
@@ -252,6 +254,9 @@ async def create_batch(request: web.Request) -> web.Response:
     state.ledger.record(state.now(), 200, "batch_created", body["input_file_id"], 0, 0, "",
                         False)
     b.task = asyncio.get_running_loop().create_task(_process(state, store, b))
+    held = time.monotonic()
+    while time.monotonic() - held < store.create_answer_delay_s:
+        await asyncio.sleep(0.02)
     return web.json_response(b.obj)
 
 

@@ -182,7 +182,7 @@ def test_output_unwritable_mid_job_stops_clearly_and_resumes(tmp_path: Path) -> 
                           limits={"rpm": 100_000, "max_concurrency": 8}, shard_rows=150)
         th, box = run_in_thread(spec)
         out = tmp_path / "out"
-        wait_for(lambda: checkpointed_rows(out) >= 100, 60, "checkpoints")
+        wait_for(lambda: checkpointed_rows(out) >= 100, 150, "checkpoints")
         (out / "results").mkdir(exist_ok=True)
         locked = [out / "parts", *(out / "parts").iterdir(), out / "results"]
         for d in locked:

@@ -186,17 +186,20 @@ class MockProcess:
         _get_json(f"{self.url}/_ledger/reset", method="POST")
 
     def terminate(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        """Close the lifeline (the child's clean stop), else SIGTERM, then SIGKILL after
+        ``timeout``; returns the exit code. No SIGTERM while the child is already shutting
+        down: asyncio drops its handler on the way out, and the signal would kill it."""
         if self._lifeline is not None:
             os.close(self._lifeline)
             self._lifeline = None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        for stop in (self.proc.terminate, self.proc.kill):
+            if self.proc.poll() is not None:
+                break
+            stop()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
         shutil.rmtree(self._tmpdir, ignore_errors=True)
         return int(self.proc.returncode)
 

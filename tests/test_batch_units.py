@@ -1,5 +1,6 @@
 """Batch mode's small rules, each on real objects: the exit code of rows left unsent, the
-Retry-After cap, a refused answer kept with what it cost, a refused key (401/403)."""
+Retry-After cap, a refused answer kept with what it cost, a refused key (401/403), the
+state file's commit."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from batchrun.batch import run_batch_job
 from batchrun.batch.collect import collect_chunk
 from batchrun.batch.provider import LONG_WAIT_S, MAX_RETRY_AFTER_S, BatchProvider
 from batchrun.batch.requests import custom_id
-from batchrun.batch.state import ChunkState
+from batchrun.batch.state import BatchJobState, ChunkState, StateFile
 from batchrun.cli import app
-from batchrun.errors import JobCannotSucceed, RateLimited, RetryableError
+from batchrun.errors import JobCannotSucceed, OutputError, RateLimited, RetryableError
 from batchrun.io.shards import plan_shards
 from batchrun.io.summary import exit_code, summarize
 from batchrun.money.pricing import cost_usd, price_for
@@ -171,3 +172,21 @@ def test_refused_key_stops_with_7_naming_status_message_and_url(tmp_path: Path,
     assert cli.exit_code == 7, cli.output
     assert f"HTTP {status}" in cli.output and KEY not in cli.output
     assert "Traceback" not in cli.output
+
+
+# -- D4: the batch state is committed like every other state file ------------------------
+
+
+def test_batch_state_is_committed_with_the_one_output_message(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    sf = StateFile(tmp_path / "out")
+    sf.save(BatchJobState(job=spec.name, fingerprint="f"))
+    assert sf.load(spec).fingerprint == "f" and not list(sf.dir.glob(".*.tmp"))
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder should be")  # unwritable, even as root
+    with pytest.raises(OutputError) as e:
+        StateFile(blocked).save(BatchJobState(job=spec.name, fingerprint="f"))
+    text = str(e.value)
+    assert e.value.exit_code == 3 and "\n" not in text
+    assert text.startswith(f"output: cannot write {blocked}/batch/state.json")
+    assert "fix the folder's permissions" in text

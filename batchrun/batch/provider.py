@@ -37,11 +37,11 @@ from batchrun.api.secrets import redact
 from batchrun.errors import (
     FatalRequestError,
     JobCannotSucceed,
-    OutputError,
     RateLimited,
     RetryableError,
     UserError,
 )
+from batchrun.io.storage import output_error
 from batchrun.spec import EndpointSpec, RetrySpec
 
 __all__ = ["LONG_WAIT_S", "MAX_RETRY_AFTER_S", "TERMINAL", "BatchProvider", "Busy", "NoBatchApi",
@@ -196,8 +196,7 @@ class BatchProvider:
             try:
                 f = open(path, "rb")  # noqa: SIM115 - closed below, after the upload
             except OSError as e:
-                raise OutputError(f"output: cannot read {path} ({e.strerror or e}); fix the "
-                                  "folder and run the same command again") from None
+                raise output_error(path, e, verb="read") from None
             with f:
                 form = aiohttp.FormData()
                 form.add_field("purpose", "batch")

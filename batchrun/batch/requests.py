@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from batchrun.batch.state import ChunkState, Ranges, count_rows, to_ranges
-from batchrun.errors import InputDataError, OutputError
+from batchrun.errors import InputDataError
 from batchrun.io.shards import RequestRow, Shard, iter_shard_rows
+from batchrun.io.storage import output_error
 from batchrun.spec import JobSpec
 
 __all__ = [
@@ -79,8 +80,7 @@ def _disk(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise OutputError(f"output: cannot write {path} ({e.strerror or e}); fix the folder's "
-                          "permissions or free space and run the same command again") from None
+        raise output_error(path, e) from None
 
 
 class ChunkWriter:

@@ -20,17 +20,15 @@ The API key is never part of this state.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import uuid
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from batchrun.errors import OutputError, ResumeRefused
+from batchrun.errors import ResumeRefused
 from batchrun.io.resume import Fingerprint
+from batchrun.io.storage import commit_bytes
 from batchrun.spec import JobSpec
 
 __all__ = [
@@ -42,7 +40,6 @@ __all__ = [
     "Ranges",
     "StateFile",
     "Step",
-    "atomic_write_bytes",
     "batch_tag",
     "count_rows",
     "fingerprint_sha",
@@ -123,23 +120,6 @@ def count_rows(ranges: Ranges) -> int:
     return sum(b - a for runs in ranges.values() for a, b in runs)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise OutputError(f"output: cannot write {path} ({e.strerror or e}); fix the folder's "
-                          "permissions or free space and run the same command again") from e
-
-
 class StateFile:
     """``OUTPUT/batch/state.json`` of one job."""
 
@@ -167,7 +147,7 @@ class StateFile:
         return state
 
     def save(self, state: BatchJobState) -> None:
-        atomic_write_bytes(self.path, state.model_dump_json(indent=1).encode())
+        commit_bytes(self.path, state.model_dump_json(indent=1).encode())  # atomic
 
 
 def refuse_open_batches(spec: JobSpec) -> None:

@@ -114,11 +114,16 @@ class RequestError(BatchrunError):
 
     error_type = "request_error"
 
-    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None):
+    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None,
+                 retry_after: float | None = None, maybe_billed: bool = False):
         super().__init__(message)
         self.status = status
         if error_type is not None:
             self.error_type = error_type
+        self.retry_after = retry_after  # the provider's Retry-After, seconds, if it sent one
+        # the request may have been processed and billed (a timeout, a cut connection, a
+        # 200 whose body was refused): the budget settles it at its worst case
+        self.maybe_billed = maybe_billed
 
 
 class RetryableError(RequestError):
@@ -133,8 +138,7 @@ class RateLimited(RetryableError):
     error_type = "rate_limited"
 
     def __init__(self, message: str, *, retry_after: float | None = None):
-        super().__init__(message, status=429)
-        self.retry_after = retry_after
+        super().__init__(message, status=429, retry_after=retry_after)
 
 
 class FatalRequestError(RequestError):

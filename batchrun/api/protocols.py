@@ -1,0 +1,81 @@
+"""The API seam: a request kind and a provider, each a small Protocol.
+
+    RequestKind   what a task sends and reads back: a row's value -> a request payload
+                  (or the row's own error), the JSON body, a 200 body -> result fields,
+                  the prompt's tokens. Chat completions is ``api/chat.py``.
+    Provider      who answers: auth headers, the one table from an HTTP status to an
+                  error (429 and its Retry-After, 5xx, 4xx), the batch-file line of a
+                  request and the outcome of an output line. OpenAI is ``api/openai.py``.
+
+Online mode (``online/``) and batch mode (``batch/``) both go through them, so a new
+kind or provider is one module and one line in ``api/registry.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from batchrun.errors import RequestError
+from batchrun.spec import JobSpec
+
+__all__ = ["Completion", "Provider", "RequestKind"]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result fields one answer fills, whatever the kind or provider."""
+
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class RequestKind(Protocol):
+    task: str  # the spec's ``task``
+    path: str  # below the endpoint's base_url, e.g. "/chat/completions"
+
+    def payload(self, spec: JobSpec, value: Any) -> tuple[Any, str | None]:
+        """A row's input value -> (what the request carries, None), or (None, the row's error)."""
+        ...
+
+    def body(self, spec: JobSpec, payload: Any, fields: dict[str, Any]) -> dict[str, Any]:
+        """The JSON body: the model, the payload, the generation and extra ``fields``."""
+        ...
+
+    def parse(self, doc: Any) -> Completion:
+        """A 200 answer's JSON -> result fields; ``RetryableError(malformed_body)`` if not."""
+        ...
+
+    def prompt_tokens(self, payload: Any, model: str) -> int:
+        """The prompt's tokens, counted offline, for TPM and the budget's worst case."""
+        ...
+
+
+class Provider(Protocol):
+    api: str  # the spec's ``endpoint.api``
+
+    def headers(self, api_key: str | None) -> dict[str, str]:
+        """Auth and content headers; the key goes here and nowhere else."""
+        ...
+
+    def message(self, body: bytes) -> str:
+        """The provider's error text in a non-200 body (cut short; the caller redacts)."""
+        ...
+
+    def status_error(self, status: int, detail: str, retry_after: float | None
+                     ) -> RequestError:
+        """The one table: an HTTP status other than 200 -> the error to retry or record."""
+        ...
+
+    def batch_line(self, custom_id: str, kind: RequestKind, body: dict[str, Any]
+                   ) -> dict[str, Any]:
+        """The line of a batch input file that asks for ``body``."""
+        ...
+
+    def line_outcome(self, line: dict[str, Any] | None, batch_status: str,
+                     kind: RequestKind) -> Completion | RequestError:
+        """What a batch output line says of its row: an answer, or the error."""
+        ...

@@ -1,0 +1,28 @@
+"""Which request kind and which provider a job uses: one line each to add another.
+
+A new request kind (embeddings, the Responses API) is one module implementing
+``protocols.RequestKind`` and one entry in ``KINDS``; a new provider (Anthropic) is one
+module implementing ``protocols.Provider`` and one entry in ``PROVIDERS``.
+"""
+
+from __future__ import annotations
+
+from batchrun.api.chat import ChatKind
+from batchrun.api.openai import OpenAIProvider
+from batchrun.api.protocols import Provider, RequestKind
+from batchrun.spec import JobSpec
+
+__all__ = ["KINDS", "PROVIDERS", "kind_for", "provider_for"]
+
+KINDS: dict[str, RequestKind] = {ChatKind.task: ChatKind()}
+PROVIDERS: dict[str, Provider] = {OpenAIProvider.api: OpenAIProvider()}
+
+
+def kind_for(spec: JobSpec) -> RequestKind:
+    """The request kind of the spec's task (validated by the spec: always known)."""
+    return KINDS[getattr(spec, "task", "chat")]
+
+
+def provider_for(spec: JobSpec) -> Provider:
+    """The provider of the spec's endpoint API (validated by the spec: always known)."""
+    return PROVIDERS[getattr(spec.endpoint, "api", "openai")]

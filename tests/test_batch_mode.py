@@ -27,7 +27,7 @@ from batchrun.errors import RetryableError, UserError
 from batchrun.io.shards import plan_shards
 from batchrun.io.summary import summarize
 from batchrun.io.writer import ResultsStore
-from batchrun.sim import MockConfig, answer_for, start_in_thread
+from batchrun.sim import MockConfig, RunningServer, answer_for, start_in_thread
 from batchrun.sim.batches import BATCHES
 from batchrun.spec import JobSpec, load_spec
 
@@ -194,24 +194,28 @@ def _state(spec: JobSpec) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"chunks": []}
 
 
-def _crash_and_rerun(tmp_path: Path, hold_create: bool, expect_step: str) -> None:
+def _kill_driver(tmp_path: Path, srv: RunningServer, spec: JobSpec, hold_create: bool) -> None:
     """Kill -9 the driver once a chunk is recorded ``created``, or (``hold_create``) while
     the provider holds back the answer to the batch it just created (the ledger shows it):
     a batch that exists but that the state never recorded."""
+    srv.app[BATCHES].create_answer_delay_s = 60.0 if hold_create else 0.0
+    proc = _driver(tmp_path / "job.yaml")
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (any(r["outcome"] == "batch_created" for r in srv.records()) if hold_create
+                else any(c["step"] == "created" for c in _state(spec)["chunks"])):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(10)
+    srv.app[BATCHES].create_answer_delay_s = 0.0  # releases the held answer
+    assert proc.returncode == -9, proc.stderr.read() if proc.stderr else ""
+
+
+def _crash_and_rerun(tmp_path: Path, hold_create: bool, expect_step: str) -> None:
     with start_in_thread(MockConfig(batch_delay_s=1.5, api_key=KEY)) as srv:
         spec = _spec(tmp_path, srv.base_url)
-        srv.app[BATCHES].create_answer_delay_s = 60.0 if hold_create else 0.0
-        proc = _driver(tmp_path / "job.yaml")
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            if (any(r["outcome"] == "batch_created" for r in srv.records()) if hold_create
-                    else any(c["step"] == "created" for c in _state(spec)["chunks"])):
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        proc.wait(10)
-        srv.app[BATCHES].create_answer_delay_s = 0.0  # releases the held answer
-        assert proc.returncode == -9, proc.stderr.read() if proc.stderr else ""
+        _kill_driver(tmp_path, srv, spec, hold_create)
         steps = [c["step"] for c in _state(spec)["chunks"]]
         assert "collected" not in steps and _results(spec) == []
         assert expect_step in steps
@@ -234,6 +238,29 @@ def test_kill_9_after_batches_are_created(tmp_path: Path) -> None:
 def test_crash_between_create_and_recording_it(tmp_path: Path) -> None:
     # Killed while POST /v1/batches is answered: the state still says uploaded.
     _crash_and_rerun(tmp_path, hold_create=True, expect_step="uploaded")
+
+
+def test_a_batch_adopted_after_a_crash_counts_against_the_budget(tmp_path: Path) -> None:
+    with start_in_thread(MockConfig(batch_delay_s=1.5, api_key=KEY)) as srv:
+        spec = _spec(tmp_path, srv.base_url)
+        _kill_driver(tmp_path, srv, spec, hold_create=True)
+        w = [c["worst_usd"] for c in _state(spec)["chunks"]]
+        assert len(w) == 3 and _state(spec)["chunks"][0]["step"] == "uploaded"
+        # room for the adopted chunk and one more, not two more
+        cap = w[0] + w[1] + 0.5 * w[2]
+        spec = load_spec(str(write_spec(
+            tmp_path, mode="batch", shard_rows=40, budget={"max_cost_usd": cap},
+            batch={"max_requests_per_file": 30, "poll_interval_s": 0.2},
+            endpoint={"base_url": srv.base_url, "api_key_env": KEY_ENV})))
+        out = run_batch_job(spec, wait=True, initial_poll_s=0.05)
+        stats = srv.stats()
+        assert out.budget_exhausted and stats["by_outcome"]["batch_created"] == 2
+        assert len(_results(spec)) == 60 and stats["ok"] == 60
+        spec = _spec(tmp_path, srv.base_url)  # the cap lifted: the last chunk goes
+        assert run_batch_job(spec, wait=True, initial_poll_s=0.05).pending == 0
+        stats = srv.stats()
+    _assert_one_result_per_row(spec, 90)
+    assert stats["by_outcome"] == {"batch_created": 3, "ok": 90}
 
 
 def test_check_rejects_answers_and_extra_columns(tmp_path: Path) -> None:

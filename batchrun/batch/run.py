@@ -96,12 +96,16 @@ class _Driver:
         self.fingerprint = self.state.fingerprint  # the metadata tag, fixed for the state
         self.planner = Planner(spec, self.shards, store, self.state, self.sf.dir,
                                extra_body=extra_body, worst=self._worst, save=self.save)
-        committed = store.spent_usd() + sum(
+        self.gate = self.new_gate()
+
+    def new_gate(self) -> ChunkBudget:
+        """The budget left: the cap less what is on disk and what open batches may cost."""
+        committed = self.store.spent_usd() + sum(
             c.worst_usd for c in self.state.chunks if c.step in ("created", "completed"))
-        b = spec.budget
+        b = self.spec.budget
         ledger = (DailyLedger(b.ledger_dir, b.timezone, b.daily_usd)
                   if b.daily_usd is not None and b.ledger_dir else None)
-        self.gate = ChunkBudget(b.max_cost_usd, committed, ledger, f"{spec.name}:batch")
+        return ChunkBudget(b.max_cost_usd, committed, ledger, f"{self.spec.name}:batch")
 
     def save(self) -> None:
         self.sf.save(self.state)
@@ -123,13 +127,14 @@ class _Driver:
         return {"job": self.spec.name, "chunk": str(c.seq), "fingerprint": self.fingerprint,
                 "attempt": str(c.attempt)}
 
-    async def recover_unrecorded(self, *, clear: bool = True) -> None:
+    async def recover_unrecorded(self, *, clear: bool = True) -> int:
         """Adopt batches created for ``uploaded`` chunks just before a crash; with
         ``clear``, a chunk the provider has no batch for goes back to ``written`` (its
-        upload kept), so it no longer holds online runs back (``refuse_open_batches``)."""
+        upload kept), so it no longer holds online runs back (``refuse_open_batches``).
+        Returns how many were adopted."""
         waiting = {str(c.seq): c for c in self.state.chunks if c.step == "uploaded"}
         if not waiting:
-            return
+            return 0
         async for b in self.p.list_batches():
             meta = b.get("metadata")
             if not isinstance(meta, dict) or not isinstance(b.get("id"), str):
@@ -142,6 +147,7 @@ class _Driver:
             if clear and c.step == "uploaded":
                 c.step = "written"
         self.save()
+        return sum(c.step == "created" for c in waiting.values())
 
     def _mark_created(self, c: ChunkState, b: dict[str, Any]) -> None:
         c.batch_id, c.batch_status, c.step = str(b["id"]), str(b.get("status")), "created"
@@ -263,7 +269,8 @@ class _Driver:
 async def _run(d: _Driver, job_sha: str, wait: bool, retry_errors: bool) -> BatchOutcome:
     # The state agrees with the results on disk before anything is sent: a batch created
     # but not recorded is adopted first (asks the provider only if such a chunk exists).
-    await d.recover_unrecorded()
+    if await d.recover_unrecorded():
+        d.gate = d.new_gate()  # an adopted batch is paid for: the budget counts it
     d.planner.refresh(job_sha)
     d.planner.reconcile()
     if retry_errors:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_prompts, write_spec
 
-from batchrun.api.client import Completion
+from batchrun.api.protocols import Completion
 from batchrun.batch import run_batch_job
 from batchrun.batch.run import batch_status, cancel_batches
 from batchrun.errors import RetryableError, UserError

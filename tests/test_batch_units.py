@@ -18,7 +18,7 @@ import pytest
 from conftest import make_prompts, write_spec
 from typer.testing import CliRunner
 
-from batchrun.api.client import Completion
+from batchrun.api.protocols import Completion
 from batchrun.api.retry import pause_s
 from batchrun.batch import run_batch_job
 from batchrun.batch.collect import collect_chunk

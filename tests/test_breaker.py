@@ -10,7 +10,7 @@ import time
 from collections import deque
 from typing import Any
 
-from batchrun.api.client import ChatClient, open_session
+from batchrun.api.client import ApiClient, open_session
 from batchrun.errors import FatalRequestError, RateLimited, RequestError, RetryableError
 from batchrun.io.shards import RequestRow
 from batchrun.limits.permits import LeaseAnswer, PermitPool
@@ -128,7 +128,7 @@ async def _one_attempt(base_url: str) -> RequestError:
     endpoint = EndpointSpec(base_url=base_url)  # type: ignore[call-arg]
     async with open_session(endpoint, 4) as session:
         try:
-            await ChatClient(session, endpoint, None).complete({"model": "m", "messages": []})
+            await ApiClient(session, endpoint, None).complete({"model": "m", "messages": []})
         except RequestError as e:
             return e
     raise AssertionError("the request succeeded")
@@ -160,7 +160,7 @@ async def _run(spec: JobSpec, key: str, n: int, lanes: int) -> tuple[list[Any], 
     trips: list[str] = []
     async with open_session(spec.endpoint, lanes) as session:
         permits = PermitPool(_grant_all, validity=60.0)
-        runner = RowRunner(spec, ChatClient(session, spec.endpoint, key), permits,
+        runner = RowRunner(spec, ApiClient(session, spec.endpoint, key), permits,
                            pause_all=permits.pause, on_trip=trips.append)
         rows = deque(RequestRow(f"r{i}", [{"role": "user", "content": f"item {i}"}])
                      for i in range(n))

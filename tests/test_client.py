@@ -1,4 +1,4 @@
-"""ChatClient against a real aiohttp server on 127.0.0.1: what the HTTP boundary lets through."""
+"""ApiClient against a real aiohttp server on 127.0.0.1: what the HTTP boundary lets through."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from batchrun.api.client import ChatClient, open_session
+from batchrun.api.client import ApiClient, open_session
 from batchrun.errors import FatalRequestError, RequestError
 from batchrun.spec import EndpointSpec
 
@@ -38,7 +38,7 @@ async def _complete(handler: Handler, body: dict[str, Any], max_bytes: int,
                             max_response_bytes=max_bytes)
     try:
         async with open_session(endpoint, 4) as session:
-            return await ChatClient(session, endpoint, key).complete(body)
+            return await ApiClient(session, endpoint, key).complete(body)
     finally:
         await runner.cleanup()
 

@@ -19,7 +19,8 @@ import pyarrow as pa
 import pytest
 from pydantic import BaseModel
 
-from batchrun.api.client import ChatClient, Completion, open_session
+from batchrun.api.client import ApiClient, open_session
+from batchrun.api.protocols import Completion
 from batchrun.api.structured import Structured
 from batchrun.errors import RetryableError, SpecError
 from batchrun.io.shards import RequestRow
@@ -368,7 +369,7 @@ async def _run_rows(base_url: str, s: Structured, n: int, attempts: int) -> list
     endpoint = EndpointSpec(base_url=base_url)  # type: ignore[call-arg]
     async with open_session(endpoint, 32) as session:
         permits = PermitPool(_grant_all, validity=60.0)
-        runner = RowRunner(spec, ChatClient(session, endpoint, None), permits,
+        runner = RowRunner(spec, ApiClient(session, endpoint, None), permits,
                            pause_all=permits.pause, check=s.check,
                            extra_body=s.request_fields())
         rows = [RequestRow(f"r{i}", [{"role": "user", "content": f"item {i}"}])

@@ -33,7 +33,7 @@ import yaml
 from jsonschema.exceptions import best_match
 from jsonschema.validators import validator_for
 
-from batchrun.api.client import Completion
+from batchrun.api.protocols import Completion
 from batchrun.errors import RetryableError, SpecError
 from batchrun.io.writer import RESULT_FIELDS
 from batchrun.spec import JobSpec, ResponseFormatSpec

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from batchrun.api.client import Completion
+from batchrun.api.protocols import Completion
 from batchrun.batch.requests import custom_id, iter_selected
 from batchrun.batch.state import ChunkState
 from batchrun.errors import FatalRequestError, RequestError, RetryableError

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from batchrun.api.client import ChatClient, Completion
+from batchrun.api.client import ApiClient
+from batchrun.api.protocols import Completion
 from batchrun.api.retry import backoff_s
 from batchrun.errors import (
     BudgetExhausted,
@@ -91,7 +92,7 @@ class RowRunner:
     def __init__(
         self,
         spec: JobSpec,
-        client: ChatClient,
+        client: ApiClient,
         permits: PermitPool,
         *,
         pause_all: Callable[[float], None],

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from batchrun.api.client import ChatClient, open_session
+from batchrun.api.client import ApiClient, open_session
 from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
 from batchrun.api.tokens import count_chat_tokens
@@ -154,7 +154,7 @@ class Worker:
         self._metrics = JobMetrics(spec.name)
         price = self._price = price_for(spec)
         self._counted: tuple[object, int] = (None, 0)
-        client = ChatClient(self._session, spec.endpoint, key)
+        client = ApiClient(self._session, spec.endpoint, key)
 
         def on_trip(reason: str) -> None:  # a provider may echo the key in its message
             self._halt(redact(reason, key))

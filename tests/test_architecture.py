@@ -3,8 +3,8 @@
 Layers, lowest first; a package may import its own modules and lower layers only:
 
     errors, spec            the error tree and the job spec
+    api                     request kinds, providers, result records, HTTP, retry, tokens
     io                      storage, input shards, results, fingerprint, summary
-    api                     request kinds, providers, HTTP, retry policy, tokens
     sim                     the simulated provider (speaks the api's protocols)
     money                   prices, ledger, budget gate, estimate
     limits                  slot arithmetic, the limiter actor, permits
@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "batchrun"
-LAYERS = [{"errors"}, {"spec"}, {"io"}, {"api"}, {"sim"}, {"money"}, {"limits"},
+LAYERS = [{"errors"}, {"spec"}, {"api"}, {"io"}, {"sim"}, {"money"}, {"limits"},
           {"online", "batch"}, {"runner"}, {"ops", "schedule"}, {"cli"}, {"__main__"}]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 MAX_MODULE_LINES = 420

@@ -20,9 +20,9 @@ PROVIDERS: dict[str, Provider] = {OpenAIProvider.api: OpenAIProvider()}
 
 def kind_for(spec: JobSpec) -> RequestKind:
     """The request kind of the spec's task (validated by the spec: always known)."""
-    return KINDS[getattr(spec, "task", "chat")]
+    return KINDS[spec.task]
 
 
 def provider_for(spec: JobSpec) -> Provider:
     """The provider of the spec's endpoint API (validated by the spec: always known)."""
-    return PROVIDERS[getattr(spec.endpoint, "api", "openai")]
+    return PROVIDERS[spec.endpoint.api]

@@ -34,8 +34,8 @@ from jsonschema.exceptions import best_match
 from jsonschema.validators import validator_for
 
 from batchrun.api.protocols import Completion
+from batchrun.api.records import RESULT_FIELDS
 from batchrun.errors import RetryableError, SpecError
-from batchrun.io.writer import RESULT_FIELDS
 from batchrun.spec import JobSpec, ResponseFormatSpec
 
 __all__ = ["INVALID_OUTPUT", "Structured", "arrow_type"]

@@ -72,6 +72,8 @@ def fingerprint(spec: JobSpec, files: list[str],
         rows, sha = _footer_hash(f)
         inputs.append(InputFile(name=f, size=os.path.getsize(f), rows=rows, footer_sha256=sha))
     fields = spec.model_dump(include=set(_REQUEST_FIELDS), mode="json")
+    if spec.task != "chat":  # other kinds ask other questions; chat outputs keep their hash
+        fields["task"] = spec.task
     if schema is not None:  # the resolved schema: an edited schema file or model counts
         fields["resolved_schema"] = schema
     sha = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()

@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchrun.api.registry import kind_for
 from batchrun.errors import InputDataError, ResumeRefused, SpecError
 from batchrun.io.storage import commit_bytes
 from batchrun.spec import JobSpec
@@ -270,28 +271,13 @@ def _batches(pf: pq.ParquetFile, shard: Shard, cols: list[str], n: int) -> Itera
             return
 
 
-def _messages(spec: JobSpec, value: Any) -> tuple[list[dict[str, Any]] | None, str | None]:
-    if spec.prompt_column is not None:
-        if not isinstance(value, str) or not value.strip():
-            return None, "empty prompt" if isinstance(value, str) else "null prompt"
-        msgs = [{"role": "user", "content": value}]
-    else:
-        if not value:
-            return None, "null or empty messages"
-        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in value]
-        if any(not isinstance(m["role"], str) or m["content"] is None for m in msgs):
-            return None, "a message without role or content"
-    if spec.system_prompt:
-        msgs.insert(0, {"role": "system", "content": spec.system_prompt})
-    return msgs, None
-
-
 def iter_shard_rows(
     spec: JobSpec, shard: Shard, batch_rows: int = 1024
 ) -> Iterator[list[RequestRow]]:
     """The shard's rows as ``RequestRow`` lists of at most ``batch_rows``, read lazily."""
     source = spec.prompt_column or spec.messages_column
     assert source is not None
+    kind = kind_for(spec)  # a row's value -> its request payload, or the row's error
     cols = list(dict.fromkeys([source, *([spec.id_column] if spec.id_column else []),
                                *spec.carry_columns]))
     pos = shard.start
@@ -300,7 +286,7 @@ def iter_shard_rows(
         out = []
         for j, value in enumerate(data[source]):
             rid = data[spec.id_column][j] if spec.id_column else f"{shard.id_prefix}#{pos + j}"
-            msgs, err = _messages(spec, value)
+            msgs, err = kind.payload(spec, value)
             carry = {c: data[c][j] for c in spec.carry_columns}
             out.append(RequestRow(str(rid), msgs, err, carry))
         pos += batch.num_rows

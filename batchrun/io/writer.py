@@ -28,40 +28,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batchrun.api.records import RESULT_FIELDS, result_schema
 from batchrun.io.storage import check_writable, commit_table, output_error
 
 log = logging.getLogger("batchrun")
 
+# the schema is the API seam's (api/records.py); re-exported for the store's callers
 __all__ = ["RESULT_FIELDS", "ResultsStore", "result_schema"]
-
-RESULT_FIELDS: list[pa.Field] = [
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("model", pa.string()),
-    pa.field("response", pa.string()),
-    pa.field("finish_reason", pa.string()),
-    pa.field("prompt_tokens", pa.int64()),
-    pa.field("completion_tokens", pa.int64()),
-    pa.field("total_tokens", pa.int64()),
-    pa.field("cost_usd", pa.float64()),
-    pa.field("latency_ms", pa.float64()),
-    pa.field("wait_ms", pa.float64()),  # time spent waiting on the rate limiter
-    pa.field("attempts", pa.int32()),
-    pa.field("status", pa.string()),  # ok | error
-    pa.field("error_type", pa.string()),
-    pa.field("error_message", pa.string()),
-    pa.field("started_at", pa.timestamp("ms", tz="UTC")),
-    pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
-]
-
-
-def result_schema(carry: pa.Schema | None = None,
-                  extra: list[pa.Field] | None = None) -> pa.Schema:
-    """The fixed fields, then mode-specific ones (``parsed``, ``batch_id``), then carried ones."""
-    fields = list(RESULT_FIELDS) + list(extra or [])
-    if carry is not None:
-        taken = {x.name for x in fields}
-        fields += [pa.field(f.name, f.type) for f in carry if f.name not in taken]
-    return pa.schema(fields)
 
 
 class ResultsStore:

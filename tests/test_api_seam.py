@@ -82,9 +82,8 @@ def test_chat_kind_builds_messages_and_parses():
 
 
 def test_openai_headers_carry_the_key_only_in_authorization():
-    assert OPENAI.headers("k-1") == {"Content-Type": "application/json",
-                                     "Authorization": "Bearer k-1"}
-    assert "Authorization" not in OPENAI.headers(None)
+    assert OPENAI.auth_headers("k-1") == {"Authorization": "Bearer k-1"}
+    assert OPENAI.auth_headers(None) == {}
     assert OPENAI.message(b'{"error": {"message": "no such model"}}') == "no such model"
     assert OPENAI.message(b"<html>gateway</html>") == "<html>gateway</html>"
 

@@ -56,7 +56,8 @@ class ApiClient:
         self._provider = provider or OpenAIProvider()
         self._url = endpoint.base_url + self._kind.path
         self._max_bytes = endpoint.max_response_bytes
-        self._headers = self._provider.headers(api_key)
+        self._headers = {"Content-Type": "application/json",
+                         **self._provider.auth_headers(api_key)}
         self._key = api_key  # to mask it in every message built from the provider's answer
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:

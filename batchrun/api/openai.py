@@ -36,11 +36,8 @@ class OpenAIProvider:
 
     api = "openai"
 
-    def headers(self, api_key: str | None) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        return headers
+    def auth_headers(self, api_key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def message(self, body: bytes) -> str:
         try:

@@ -57,8 +57,8 @@ class RequestKind(Protocol):
 class Provider(Protocol):
     api: str  # the spec's ``endpoint.api``
 
-    def headers(self, api_key: str | None) -> dict[str, str]:
-        """Auth and content headers; the key goes here and nowhere else."""
+    def auth_headers(self, api_key: str | None) -> dict[str, str]:
+        """The headers that carry the key: it goes here and nowhere else."""
         ...
 
     def message(self, body: bytes) -> str:

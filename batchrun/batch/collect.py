@@ -20,17 +20,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from batchrun.api.protocols import Completion
+from batchrun.api.registry import kind_for, provider_for
 from batchrun.batch.requests import custom_id, iter_selected
 from batchrun.batch.state import ChunkState
-from batchrun.errors import FatalRequestError, RequestError, RetryableError
+from batchrun.errors import RequestError, RetryableError
 from batchrun.io.shards import RequestRow, Shard
 from batchrun.money.pricing import ModelPrice, cost_usd
 from batchrun.spec import JobSpec
 
-__all__ = ["ChunkResults", "collect_chunk", "line_outcome", "parse_lines"]
+__all__ = ["ChunkResults", "collect_chunk", "parse_lines"]
 
 Check = Callable[[Completion], dict[str, Any]]
-_RETRYABLE_STATUS = {408, 409, 429}
 
 
 @dataclass
@@ -54,51 +54,6 @@ def parse_lines(*contents: bytes) -> dict[str, dict[str, Any]]:
             if isinstance(doc, dict) and isinstance(doc.get("custom_id"), str):
                 out[doc["custom_id"]] = doc
     return out
-
-
-def _completion(body: Any) -> Completion:
-    try:
-        choice = body["choices"][0]
-        usage = body.get("usage") or {}
-        p, c = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        return Completion(text=choice["message"].get("content"),
-                          finish_reason=choice.get("finish_reason"), prompt_tokens=p,
-                          completion_tokens=c, total_tokens=int(usage.get("total_tokens") or p + c))
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
-        raise RetryableError("malformed response body in batch output",
-                             error_type="malformed_body") from None
-
-
-def _status_error(status: int, body: Any) -> RequestError:
-    err = body.get("error") if isinstance(body, dict) else None
-    detail = err.get("message") if isinstance(err, dict) else None
-    msg = f"HTTP {status}: {detail or 'error in batch output'}"
-    if status >= 500 or status in _RETRYABLE_STATUS:
-        return RetryableError(msg, status=status, error_type=f"http_{status}")
-    return FatalRequestError(msg, status=status, error_type=f"http_{status}")
-
-
-def line_outcome(line: dict[str, Any] | None, batch_status: str) -> Completion | RequestError:
-    """What one row's line says: a completion, or the error to record or retry."""
-    if line is None:  # never run: the batch expired, failed or was cancelled
-        return RetryableError(f"no answer: batch {batch_status}",
-                              error_type=f"batch_{batch_status}")
-    err = line.get("error")
-    if isinstance(err, dict):
-        code = str(err.get("code") or "batch_error")
-        msg = f"{code}: {err.get('message') or ''}"[:300]
-        cls = FatalRequestError if code.startswith("invalid") else RetryableError
-        return cls(msg, error_type=code)
-    resp = line.get("response")
-    status = resp.get("status_code") if isinstance(resp, dict) else None
-    if not isinstance(resp, dict) or not isinstance(status, int):  # a garbled line: retry
-        return RetryableError("malformed line in batch output", error_type="malformed_body")
-    if status != 200:
-        return _status_error(status, resp.get("body"))
-    try:
-        return _completion(resp.get("body"))
-    except RetryableError as e:
-        return e
 
 
 class _Recorder:
@@ -159,6 +114,7 @@ def collect_chunk(spec: JobSpec, chunk: ChunkState, shards: dict[int, Shard],
                   can_retry: bool) -> ChunkResults:
     """Every row of ``chunk`` to a record or a retry (retries only when ``can_retry``)."""
     rec, out = _Recorder(spec, chunk, price), ChunkResults()
+    kind, provider = kind_for(spec), provider_for(spec)
     for sidx, runs in sorted(chunk.rows.items()):
         records = out.records.setdefault(sidx, [])
         for pos, row in iter_selected(spec, shards[sidx], runs):
@@ -167,7 +123,8 @@ def collect_chunk(spec: JobSpec, chunk: ChunkState, shards: dict[int, Shard],
                 out.errors += 1
                 continue
             line = lines.get(custom_id(sidx, pos))
-            completion, extra, err = _judge(line_outcome(line, batch_status), check)
+            completion, extra, err = _judge(
+                provider.line_outcome(line, batch_status, kind), check)
             paid = rec.answer(completion) if completion is not None else {}
             out.paid_usd += paid.get("cost_usd") or 0.0
             if err is None:

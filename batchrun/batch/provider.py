@@ -2,10 +2,10 @@
 
     404 on /v1/files or /v1/batches  -> NoBatchApi (a UserError naming the fallback)
     401 / 403                        -> JobCannotSucceed (exit 7, as online's breaker)
-    429                              -> RateLimited (with the provider's Retry-After)
-    408, 409, 5xx                    -> Busy (with Retry-After, which a 503 often sends)
+    any other status                 -> the provider's one table (``api/openai.py``):
+                                        429 and 408/409/5xx retried with their Retry-After,
+                                        other 4xx FatalRequestError
     timeouts, resets, non-JSON       -> RetryableError
-    other 4xx                        -> FatalRequestError
 
 Every call is retried here with the job's ``retry`` policy, the one online mode uses
 (``api.retry``, full jitter), never waiting less than Retry-After nor more than
@@ -32,19 +32,20 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from batchrun.api.chat import ChatKind
+from batchrun.api.openai import OpenAIProvider
+from batchrun.api.protocols import Provider, RequestKind
 from batchrun.api.retry import pause_s, retry_after_s
 from batchrun.api.secrets import redact
 from batchrun.errors import (
-    FatalRequestError,
     JobCannotSucceed,
-    RateLimited,
     RetryableError,
     UserError,
 )
 from batchrun.io.storage import output_error
 from batchrun.spec import EndpointSpec, RetrySpec
 
-__all__ = ["LONG_WAIT_S", "MAX_RETRY_AFTER_S", "TERMINAL", "BatchProvider", "Busy", "NoBatchApi",
+__all__ = ["LONG_WAIT_S", "MAX_RETRY_AFTER_S", "TERMINAL", "BatchProvider", "NoBatchApi",
            "gave_up"]
 
 T = TypeVar("T")
@@ -61,14 +62,6 @@ class NoBatchApi(UserError):
     """The endpoint answers 404 to the Files or Batch API."""
 
 
-class Busy(RetryableError):
-    """408, 409 or 5xx, with the provider's Retry-After in seconds if it sent one."""
-
-    def __init__(self, message: str, *, status: int, retry_after: float | None):
-        super().__init__(message, status=status, error_type=f"http_{status}")
-        self.retry_after = retry_after
-
-
 def gave_up(err: RetryableError, attempts: int) -> JobCannotSucceed:
     """The one line a job stops with when the provider keeps refusing a call."""
     return JobCannotSucceed(
@@ -76,23 +69,17 @@ def gave_up(err: RetryableError, attempts: int) -> JobCannotSucceed:
         "the same command again later to continue")
 
 
-def _message(body: bytes) -> str:
-    try:
-        err = json.loads(body).get("error", {})
-        msg = err.get("message") if isinstance(err, dict) else err
-        return str(msg)[:300] if msg else body[:200].decode("utf-8", "replace")
-    except (ValueError, AttributeError):
-        return body[:200].decode("utf-8", "replace")
-
-
 class BatchProvider:
     """Files and batches of one endpoint; use as ``async with BatchProvider(...) as p``."""
 
     def __init__(self, endpoint: EndpointSpec, api_key: str | None, retry: RetrySpec,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, *, kind: RequestKind | None = None,
+                 api: Provider | None = None):
         self._base = endpoint.base_url
         self._key = api_key
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._api = api or OpenAIProvider()
+        self._url = "/v1" + (kind or ChatKind()).path  # what the batch's lines ask for
+        self._headers = self._api.auth_headers(api_key)
         self._policy = retry
         self._rng = rng or random.Random()
         self._timeout = aiohttp.ClientTimeout(total=endpoint.read_timeout_s,
@@ -110,9 +97,8 @@ class BatchProvider:
     def _raise_for(self, method: str, path: str, status: int, body: bytes,
                    headers: Any) -> None:
         what = f"{method} {self._base}{path.removeprefix('/v1')}: HTTP {status}"
-        detail = _message(body)
-        if self._key:
-            detail = redact(detail, self._key)
+        # masked before the provider's text is cut short, as online mode does
+        detail = self._api.message(redact(body.decode("utf-8", "replace"), self._key).encode())
         if status == 404 and (path.startswith("/v1/batches") or path == "/v1/files"):
             raise NoBatchApi(
                 f"endpoint {self._base} has no Batch API (404 on {path}); use mode: online "
@@ -120,11 +106,8 @@ class BatchProvider:
         if status in (401, 403):  # the key is refused: every later call would be too
             raise JobCannotSucceed(f"batch API: {what}: {detail}; check the key in "
                                    "endpoint.api_key_env, then run the same command again")
-        if status == 429:
-            raise RateLimited(f"{what}: {detail}", retry_after=retry_after_s(headers))
-        if status in (408, 409) or status >= 500:
-            raise Busy(f"{what}: {detail}", status=status, retry_after=retry_after_s(headers))
-        raise FatalRequestError(f"{what}: {detail}", status=status, error_type=f"http_{status}")
+        raise self._api.status_error(status, f"{method} {self._base}{path.removeprefix('/v1')}"
+                                     f": {detail}", retry_after_s(headers))
 
     def pause(self, err: RetryableError, attempt: int) -> float:
         """Seconds to wait after ``err`` on ``attempt``: the policy's, Retry-After capped at
@@ -214,7 +197,7 @@ class BatchProvider:
                      find: Callable[[], Awaitable[dict[str, Any] | None]]) -> dict[str, Any]:
         """POST /v1/batches; after a failure ``find`` looks for the batch the failed call
         may have made (by its ``metadata``) before it is tried again (see the module docs)."""
-        body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+        body = {"input_file_id": file_id, "endpoint": self._url,
                 "completion_window": window, "metadata": metadata}
         return await self._retrying(
             lambda: self._json("POST", "/v1/batches", json=body, need_id=True), find)
@@ -226,7 +209,7 @@ class BatchProvider:
         async def once() -> dict[str, Any]:
             try:
                 return await self._json("POST", f"/v1/batches/{batch_id}/cancel")
-            except Busy as e:
+            except RetryableError as e:
                 if e.status == 409:  # already ending (or an earlier try went through)
                     return {"id": batch_id}
                 raise

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from batchrun.api.registry import kind_for, provider_for
 from batchrun.batch.state import ChunkState, Ranges, count_rows, to_ranges
 from batchrun.errors import InputDataError
 from batchrun.io.shards import RequestRow, Shard, iter_shard_rows
@@ -32,30 +33,21 @@ __all__ = [
     "custom_id",
     "iter_selected",
     "line_for",
-    "parse_custom_id",
     "request_line",
 ]
 
-CHAT_URL = "/v1/chat/completions"
 
 
 def custom_id(shard_index: int, pos: int) -> str:
     return f"s{shard_index}-{pos}"
 
 
-def parse_custom_id(cid: str) -> tuple[int, int] | None:
-    """(shard index, position) of a custom_id made by ``custom_id``; None if foreign."""
-    head, _, tail = cid.partition("-")
-    if not head.startswith("s") or not head[1:].isdigit() or not tail.isdigit():
-        return None
-    return int(head[1:]), int(tail)
-
-
-def request_line(spec: JobSpec, cid: str, messages: list[dict[str, Any]],
+def request_line(spec: JobSpec, cid: str, payload: Any,
                  extra_body: dict[str, Any] | None = None) -> bytes:
-    body = {"model": spec.model, "messages": messages, **spec.generation.request_fields(),
-            **(extra_body or {})}
-    doc = {"custom_id": cid, "method": "POST", "url": CHAT_URL, "body": body}
+    """One line of a batch input file, in the provider's form, for the spec's request kind."""
+    kind = kind_for(spec)
+    body = kind.body(spec, payload, {**spec.generation.request_fields(), **(extra_body or {})})
+    doc = provider_for(spec).batch_line(cid, kind, body)
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 

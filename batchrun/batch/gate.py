@@ -10,7 +10,7 @@ what its results really cost.
 
 from __future__ import annotations
 
-from batchrun.api.tokens import count_chat_tokens
+from batchrun.api.registry import kind_for
 from batchrun.io.shards import RequestRow
 from batchrun.money.budget import DEFAULT_MARGIN, BudgetBook, DailyLedger
 from batchrun.money.pricing import ModelPrice, worst_case_usd
@@ -22,7 +22,7 @@ __all__ = ["ChunkBudget", "row_worst_usd"]
 def row_worst_usd(spec: JobSpec, price: ModelPrice | None, row: RequestRow) -> float:
     if price is None or row.messages is None:
         return 0.0
-    prompt = count_chat_tokens(row.messages, spec.model)
+    prompt = kind_for(spec).prompt_tokens(row.messages, spec.model)
     return worst_case_usd(price, prompt, spec.generation.max_tokens, batch=True,
                           margin=DEFAULT_MARGIN)
 

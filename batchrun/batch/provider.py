@@ -187,9 +187,6 @@ class BatchProvider:
                 return await self._json("POST", "/v1/files", data=form, need_id=True)
         return await self._retrying(once)
 
-    async def file(self, file_id: str) -> dict[str, Any]:
-        return await self._retrying(lambda: self._json("GET", f"/v1/files/{file_id}"))
-
     async def content(self, file_id: str) -> bytes:
         return await self._retrying(lambda: self._request("GET", f"/v1/files/{file_id}/content"))
 

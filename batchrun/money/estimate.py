@@ -1,7 +1,7 @@
 """What a job will cost and how long it will take, computed WITHOUT sending anything.
 
 Rows come from Parquet footers (sum of shard sizes). Prompt tokens are counted with
-``count_chat_tokens`` on every row, or on a uniform random sample of rows that is
+the request kind's ``prompt_tokens`` on every row, or on a uniform random sample of rows that is
 extrapolated to the whole input (with a 95% interval) when ``sample_rows`` is set;
 the CLI counts exactly up to ``EXACT_ROW_LIMIT`` rows and samples above.
 
@@ -35,7 +35,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from rich.console import Console
 
-from batchrun.api.tokens import count_chat_tokens, encoding_name_for
+from batchrun.api.protocols import RequestKind
+from batchrun.api.registry import kind_for
+from batchrun.api.tokens import encoding_name_for
 from batchrun.errors import UserError
 from batchrun.io.shards import Shard, iter_shard_rows, plan_shards
 from batchrun.money.estimate_render import NIGHTS_PER_MONTH, render_compare, render_estimate
@@ -158,6 +160,7 @@ def _count(
     for m in models:
         reps.setdefault(encoding_name_for(m), m)
     stats = {enc: _Stats(rows) for enc in reps}
+    kind = kind_for(spec)
     picks = _picks(rows, sample_rows)
     ordered = sorted(picks) if picks is not None else []
     offset = 0
@@ -169,17 +172,18 @@ def _count(
         for batch in iter_shard_rows(spec, shard):
             for row in batch:
                 if picks is None or pos in picks:
-                    _add(stats, reps, row.messages)
+                    _add(stats, reps, row.messages, kind)
                 pos += 1
     return stats
 
 
-def _add(stats: dict[str, _Stats], reps: dict[str, str], messages: list | None) -> None:
+def _add(stats: dict[str, _Stats], reps: dict[str, str], messages: list | None,
+         kind: RequestKind) -> None:
     for enc, model in reps.items():
         st = stats[enc]
         st.seen += 1
         if messages is not None:
-            n = count_chat_tokens(messages, model)
+            n = kind.prompt_tokens(messages, model)
             st.valid += 1
             st.total += n
             st.sumsq += n * n

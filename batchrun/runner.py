@@ -8,10 +8,8 @@ limiter and worker actors, and always removes them in ``finally``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import secrets
@@ -25,28 +23,17 @@ from typing import Any
 import pyarrow as pa
 import ray
 from ray.job_config import JobConfig
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from batchrun.api.structured import Structured
-from batchrun.errors import ClusterError, UserError
+from batchrun.errors import BudgetExhausted, ClusterError, JobCannotSucceed, UserError
 from batchrun.io.resume import check_fingerprint, refuse_duplicates
 from batchrun.io.shards import Shard, carry_schema, plan_shards, record_plan, validate_input
 from batchrun.io.summary import Summary, save_summary, summarize
 from batchrun.io.writer import ResultsStore, result_schema
 from batchrun.limits.limiter import BudgetConfig, RateLimiter, limiter_name
 from batchrun.money.pricing import ModelPrice, price_for, worst_case_usd
-from batchrun.online.breaker import ErrorRate
-from batchrun.online.dispatch import Dispatcher, ShardPlan, split_concurrency
-from batchrun.online.metrics import JobMetrics
+from batchrun.online.dispatch import split_concurrency
+from batchrun.online.drive import budget_config, dispatch, plans_left
 from batchrun.online.ray_cluster import record_cluster
 from batchrun.online.worker import Worker, worker_name
 from batchrun.spec import JobSpec, load_spec, resolve_api_key
@@ -132,38 +119,6 @@ def _connect(opts: RunOptions, spec: JobSpec) -> tuple[float, bool]:
     return time.monotonic() - t0, True
 
 
-def _plans(spec: JobSpec, shards: list[Shard], store: ResultsStore,
-           redo_errors: bool) -> tuple[list[ShardPlan], int]:
-    """Shards with work left, and how many rows already have a final answer."""
-    plans, done = [], 0
-    # with a budget, a complete shard may hold rows it cut short: look at their ids
-    budgeted = spec.budget.max_cost_usd is not None or spec.budget.daily_usd is not None
-    for shard in shards:
-        if store.final_rows(shard.name) == shard.num_rows and not (redo_errors or budgeted):
-            done += shard.num_rows
-            continue
-        skip = store.answered_ids(shard.name, redo_errors=redo_errors)
-        done += len(skip)
-        if len(skip) < shard.num_rows or store.final_rows(shard.name) is None:
-            plans.append(ShardPlan(shard, skip))
-    return plans, done
-
-
-def _budget(spec: JobSpec, store: ResultsStore) -> BudgetConfig | None:
-    """This run's spending gate: the job cap minus what earlier runs already spent."""
-    b = spec.budget
-    if b.max_cost_usd is None and b.daily_usd is None:
-        return None
-    cap = None if b.max_cost_usd is None else max(0.0, b.max_cost_usd - store.spent_usd())
-    return BudgetConfig(job_cap_usd=cap, daily_usd=b.daily_usd, ledger_dir=b.ledger_dir,
-                        timezone=b.timezone, job_id=_ledger_id(spec))
-
-
-def _ledger_id(spec: JobSpec) -> str:
-    """Stable across runs of the same job, so a rerun can charge what a crash left."""
-    return f"{spec.name}@{hashlib.sha1(str(Path(spec.output).resolve()).encode()).hexdigest()[:8]}"
-
-
 @dataclass
 class JobActors:
     limiter: Any
@@ -209,36 +164,6 @@ def _stop_actors(actors: JobActors) -> None:
         ray.kill(a, no_restart=True)
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TaskProgressColumn(), TextColumn("{task.fields[rate]} rows/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
-        console=Console(stderr=True),
-    )
-
-
-def _run_dispatch(spec: JobSpec, actors: JobActors, store: ResultsStore,
-                  plans: list[ShardPlan], total: int, done: int, opts: RunOptions) -> bool:
-    """Run the plans; returns whether the budget ran out."""
-    metrics = JobMetrics(spec.name)
-    with _progress(opts.progress) as bar:
-        task = bar.add_task(spec.name, total=total, completed=done, rate="-")
-        t0, count = time.monotonic(), 0
-
-        def on_rows(n: int) -> None:
-            nonlocal count
-            count += n
-            rate = count / max(time.monotonic() - t0, 1e-9)
-            bar.update(task, advance=n, rate=f"{rate:,.0f}")
-            metrics.set_remaining(total - done - count)
-
-        dispatcher = Dispatcher(actors.limiter, actors.workers, store, on_rows, actors.key_box,
-                                ErrorRate(spec.retry.max_error_rate, spec.retry.error_window_rows))
-        asyncio.run(dispatcher.run(plans))
-        return dispatcher.budget_exhausted
-
-
 def _warn_max_tokens(spec: JobSpec, price: ModelPrice) -> None:
     """max_tokens is what the budget and TPM reserve for every row: a slip of the finger
     (1000000000) does not fail, but it should never pass silently."""
@@ -275,17 +200,31 @@ class _Job:
     structured: Structured | None
 
 
+def _refuse_options(spec_path: str, spec: JobSpec, opts: RunOptions) -> None:
+    """Options that cannot work with this spec: refused here, where every caller passes
+    (the CLI, a submitted job, Python), before anything is sent."""
+    if opts.limit is not None and spec.mode == "batch":
+        how = ("use --mode online instead of --mode batch" if opts.mode == "batch"
+               else f"add --mode online ({spec_path} says mode: batch)")
+        raise UserError(f"--limit runs the first rows online: {how} for the smoke test; "
+                        "a batch run afterwards sends only the rows left")
+    if not opts.wait and spec.simulate is not None:
+        # the simulated provider lives as long as this run: batches submitted to it
+        # without waiting would be lost with it, and no later run could collect them
+        raise UserError(f"{spec_path}: --no-wait cannot be used with simulate: (the simulated "
+                        "provider stops when this command exits, taking its batches with it); "
+                        "run without --no-wait")
+
+
 def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     spec = load_spec(spec_path, ds=opts.ds)
     if opts.mode:
         spec = spec.model_copy(update={"mode": opts.mode})
+    _refuse_options(spec_path, spec, opts)
     _warn_max_tokens(spec, price_for(spec))  # a model with no price is refused here too
     files = validate_input(spec)
     shards = plan_shards(spec, files)
     if opts.limit is not None:
-        if spec.mode == "batch":
-            raise UserError("--limit runs the first rows online: drop --mode batch for the "
-                            "smoke test; a batch run afterwards sends only the rows left")
         shards = first_rows(shards, opts.limit)
     refuse_duplicates(spec, files)
     structured = Structured.from_spec(spec, Path(spec_path).parent)
@@ -306,29 +245,45 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     return _Job(spec, shards, sum(s.num_rows for s in shards), store, structured)
 
 
-def _run_online(job: _Job, spec: JobSpec, key: str | None,
-                opts: RunOptions) -> tuple[float | None, bool]:
-    """Send every row without a result; returns (Ray start-up seconds, budget exhausted)."""
-    plans, done = _plans(spec, job.shards, job.store, opts.retry_errors)
-    budget = _budget(spec, job.store)
+@dataclass
+class _Run:
+    """What this run did so far: what its summary reports, even when it stops early."""
+
+    started: datetime
+    t0: float
+    ray_s: float | None = None  # Ray's start-up, when this run started Ray
+    exhausted: bool = False
+    pending: int = 0
+
+
+def _run_online(job: _Job, spec: JobSpec, key: str | None, opts: RunOptions,
+                run: _Run) -> None:
+    """Send every row without a result."""
+    plans, done = plans_left(spec, job.shards, job.store, opts.retry_errors)
+    budget = budget_config(spec, job.store)
     if plans and budget is not None and budget.job_cap_usd == 0.0:
-        return None, True  # earlier runs spent the whole cap
+        run.exhausted = True  # earlier runs spent the whole cap
+        return
     if not plans:
-        if job.total:  # an empty input is not "complete": the CLI says it has 0 rows
+        if job.total and opts.limit is not None:
+            log.info("the first %d rows already have results; run without --limit to send "
+                     "the rest", job.total)
+        elif job.total:  # an empty input is not "complete": the CLI says it has 0 rows
             log.info("job %s is already complete: %d rows in %s", spec.name, job.total,
                      spec.output)
-        return None, False
+        return
     ray_s, started_ray = _connect(opts, spec)
+    run.ray_s = ray_s if started_ray else None
     actors: JobActors | None = None
     try:
         actors = _start_actors(spec, key, job.store.schema, budget, job.structured)
-        exhausted = _run_dispatch(spec, actors, job.store, plans, job.total, done, opts)
+        run.exhausted = dispatch(spec, actors.limiter, actors.workers, actors.key_box,
+                                 job.store, plans, job.total, done, opts.progress)
     finally:
         if actors is not None:
             _stop_actors(actors)
         if started_ray:
             ray.shutdown()
-    return (ray_s if started_ray else None), exhausted
 
 
 def _run_batch(job: _Job, spec: JobSpec, opts: RunOptions) -> tuple[int, int, bool]:
@@ -344,28 +299,47 @@ def _run_batch(job: _Job, spec: JobSpec, opts: RunOptions) -> tuple[int, int, bo
     return out.pending, out.fallback_rows, out.budget_exhausted
 
 
+def _send(job: _Job, spec: JobSpec, key: str | None, opts: RunOptions, run: _Run) -> None:
+    fallback = 0
+    if spec.mode == "batch":
+        run.pending, fallback, run.exhausted = _run_batch(job, spec, opts)
+    # Online fallback only once no batch is open (their rows would be paid twice)
+    # and the budget is not spent: then the rows without results are exactly those
+    # the batches failed to answer.
+    if spec.mode == "online" or (fallback and not run.pending and not run.exhausted):
+        _run_online(job, spec, key, opts, run)
+
+
+def _summarize(job: _Job, spec: JobSpec, run: _Run) -> Summary:
+    """The summary of this run, from the results on disk, saved as OUTPUT/summary.json."""
+    with contextlib.suppress(OSError):  # every shard final: no checkpoints are left
+        (Path(spec.output) / "parts").rmdir()
+    # Ray's start-up is reported on its own, not in the job's wall time and rates
+    wall = time.monotonic() - run.t0 - (run.ray_s or 0.0)
+    summary = summarize(job.store.result_files(), job=spec.name,
+                        wall_s=wall, run_started=run.started,
+                        total_rows=job.total, ray_startup_s=run.ray_s,
+                        budget_exhausted=run.exhausted, pending_batches=run.pending,
+                        output=str(spec.output))
+    save_summary(summary, Path(spec.output) / "summary.json")
+    return summary
+
+
 def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
-    """Run (or resume) the job in ``spec_path``; returns its summary."""
+    """Run (or resume) the job in ``spec_path``; returns its summary. A run that stops
+    early (exit 4, 5, 7) saves the summary of what it left on disk too, then raises."""
     job = _prepare(spec_path, opts)
     with simulated_provider(job.spec) as spec:
         key = resolve_api_key(spec, spec_path=spec_path)
-        started, t0 = datetime.now(UTC), time.monotonic()
-        ray_s, exhausted, pending, fallback = None, False, 0, 0
-        if spec.mode == "batch":
-            pending, fallback, exhausted = _run_batch(job, spec, opts)
-        # Online fallback only once no batch is open (their rows would be paid twice)
-        # and the budget is not spent: then the rows without results are exactly those
-        # the batches failed to answer.
-        if spec.mode == "online" or (fallback and not pending and not exhausted):
-            ray_s, exhausted = _run_online(job, spec, key, opts)
-        with contextlib.suppress(OSError):  # every shard final: no checkpoints are left
-            (Path(spec.output) / "parts").rmdir()
-        # Ray's start-up is reported on its own, not in the job's wall time and rates
-        wall = time.monotonic() - t0 - (ray_s or 0.0)
-        summary = summarize(job.store.result_files(), job=spec.name,
-                            wall_s=wall, run_started=started,
-                            total_rows=job.total, ray_startup_s=ray_s,
-                            budget_exhausted=exhausted, pending_batches=pending,
-                            output=str(spec.output))
-        save_summary(summary, Path(spec.output) / "summary.json")
-        return summary
+        run = _Run(datetime.now(UTC), time.monotonic())
+        try:
+            _send(job, spec, key, opts, run)
+        except (BudgetExhausted, ClusterError, JobCannotSucceed) as stop:
+            # summary.json must describe this run, not the one before it
+            run.exhausted = run.exhausted or isinstance(stop, BudgetExhausted)
+            try:
+                _summarize(job, spec, run)
+            except Exception as e:  # the stop's own error is the one to report
+                log.warning("could not save the summary (%s)", type(e).__name__)
+            raise
+        return _summarize(job, spec, run)

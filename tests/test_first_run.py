@@ -87,8 +87,51 @@ def test_limit_refused_with_batch_mode(tmp_path):
 
     make_prompts(tmp_path / "in.parquet", 10)
     spec = write_spec(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"})
-    with pytest.raises(UserError, match="--limit"):
+    with pytest.raises(UserError, match=r"--limit.*instead of --mode batch"):
         _prepare(str(spec), RunOptions(mode="batch", limit=5))
+
+
+def test_limit_with_batch_mode_in_the_spec_says_to_add_mode_online(tmp_path):
+    from batchrun.errors import UserError
+
+    make_prompts(tmp_path / "in.parquet", 10)
+    spec = write_spec(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"}, mode="batch")
+    with pytest.raises(UserError) as refused:
+        _prepare(str(spec), RunOptions(limit=5))  # the user never passed --mode batch
+    assert "add --mode online" in str(refused.value)
+    assert "drop" not in str(refused.value)
+    assert _prepare(str(spec), RunOptions(limit=5, mode="online")).total == 5
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(180)
+def test_a_repeated_limit_run_says_the_first_rows_have_results_not_complete(tmp_path):
+    from typer.testing import CliRunner
+
+    from batchrun.cli import app
+
+    make_prompts(tmp_path / "in.parquet", 300)
+    with start_subprocess(MockConfig()) as server:
+        spec = write_spec(tmp_path, endpoint={"base_url": server.base_url})
+        run_job(str(spec), RunOptions(progress=False, limit=50))
+        again = CliRunner().invoke(app, ["run", str(spec), "--no-progress", "--limit", "50"])
+        assert server.stats()["total_requests"] == 50
+    assert again.exit_code == 0, again.output
+    assert "the first 50 rows already have results; run without --limit to send the rest" in (
+        again.output)
+    assert "already complete" not in again.output
+
+
+def test_no_wait_with_simulate_is_refused_for_every_caller(tmp_path):
+    """Refused in run_job itself (the CLI, a submitted job and Python all pass there),
+    before the simulated provider starts: its batches would die with this process."""
+    from batchrun.errors import UserError
+
+    make_prompts(tmp_path / "in.parquet", 10)
+    spec = write_spec(tmp_path, mode="batch", simulate={"seed": 1})
+    with pytest.raises(UserError, match="--no-wait cannot be used with simulate:"):
+        run_job(str(spec), RunOptions(progress=False, wait=False))
+    assert not (tmp_path / "out" / "batches").exists()
 
 
 def test_huge_max_tokens_is_warned_with_its_worst_case(tmp_path, caplog):

@@ -80,11 +80,12 @@ def run(
                       mode=mode, wait=not no_wait,
                       progress=not no_progress and sys.stderr.isatty(),
                       include_dashboard=False if no_dashboard else None, limit=limit)
-    if no_wait:
-        _refuse_no_wait_simulated(spec, ds)
-    summary = run_job(spec, opts)
+    summary = run_job(spec, opts)  # refuses --no-wait with simulate: (runner._prepare)
     if summary.rows == 0 and summary.unsent == 0:  # no rows at all: not "complete"
         err_console.print(f"job {summary.job}: input has 0 rows: nothing to send")
+    elif summary.rows_this_run == 0 and summary.unsent == 0 and limit is not None:
+        err_console.print(f"job {summary.job}: the first {limit:,} rows already have results; "
+                          "run without --limit to send the rest", soft_wrap=True)
     elif summary.rows_this_run == 0 and summary.unsent == 0:
         err_console.print(f"job {summary.job} is already complete: nothing to send")
     if as_json:
@@ -112,18 +113,6 @@ def run(
     if line := errors_line(summary, f"batchrun run {spec}"):  # cron and CI must see them
         err_console.print(line, highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(exit_code(summary))
-
-
-def _refuse_no_wait_simulated(spec_path: str, ds: str | None) -> None:
-    """The simulated provider lives as long as this command: batches submitted to it
-    with --no-wait would be lost with it, and no later run could collect them."""
-    from batchrun.errors import UserError
-    from batchrun.spec import load_spec
-
-    if load_spec(spec_path, ds=ds).simulate is not None:
-        raise UserError(f"{spec_path}: --no-wait cannot be used with simulate: (the simulated "
-                        "provider stops when this command exits, taking its batches with it); "
-                        "run without --no-wait")
 
 
 def main() -> None:

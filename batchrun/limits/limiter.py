@@ -62,6 +62,7 @@ class RateLimiter:
         self._sched = SlotScheduler(
             windows_for(rpm, tpm), time.monotonic, validity=SLOT_VALIDITY_S, horizon=horizon_s
         )
+        self._halted: str | None = None  # why the job stops (breaker, error rate), if it does
         with warnings.catch_warnings():  # deprecated in 2.60 with no replacement for this
             warnings.simplefilter("ignore")
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
@@ -75,10 +76,10 @@ class RateLimiter:
         if self.restarted and self._spending is not None:
             self._spending.exhausted = True
         self._leases = 0
-        self._halted: str | None = None  # why the job stops (breaker, error rate), if it does
 
     def _recover(self, job: str) -> None:
-        """Rebuild the window log from the workers' own record of their recent sends.
+        """Rebuild the window log from the workers' own record of their recent sends, and
+        the halt, if the job was stopping: every worker keeps its reason (worker.halt).
 
         Each worker reports ages; an age taken from our clock *after* its answer
         arrived maps every send later than it happened, which only makes the windows
@@ -86,9 +87,13 @@ class RateLimiter:
         """
         prefix = f"batchrun:{job}:worker-"
         try:
-            names = [n for n in ray.util.list_named_actors() if n.startswith(prefix)]
-            refs = [ray.get_actor(n).recent_sends.remote() for n in names]
+            workers = [ray.get_actor(n) for n in ray.util.list_named_actors()
+                       if n.startswith(prefix)]
+            refs = [w.recent_sends.remote() for w in workers]
+            halts = [w.halted.remote() for w in workers]
             answers: list[list[tuple[float, float]]] = ray.get(refs, timeout=10)
+            reasons: list[str | None] = ray.get(halts, timeout=10)
+            self._halted = next((h for h in reasons if h), None)
         except (ray.exceptions.RayError, ValueError, TimeoutError):
             self._sched.block_all(time.monotonic())
             return

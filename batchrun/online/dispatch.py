@@ -2,25 +2,26 @@
 
 Each worker runs two shards at a time, so its requests keep flowing across a
 shard boundary. Every table a worker yields is written as a checkpoint part
-as soon as it arrives. The stream has backpressure: a worker's yield returns once
-this loop has taken the table, and its lanes stop while ``flush_rows`` answers wait
-for that, so a driver that dies (or cannot write) leaves fewer than 2 x ``flush_rows``
-answers of a shard unwritten, besides those in flight, and these are the only ones
-sent again; when the stream ends the shard's parts are merged
-into its final file, which must then hold one row per input row, or the shard
+as soon as it arrives, and then acknowledged to the worker (``written``): only that
+makes room for its further sends (feed.py), so a driver that dies (or cannot write)
+leaves at most ``2 x flush_rows`` answers per worker unwritten, besides those in
+flight, and these are the only ones sent again; when the stream ends the shard's parts
+are merged into its final file, which must then hold one row per input row, or the shard
 runs again for the rows it lacks. A worker that dies (Ray restarts it) or goes
 silent past ``STALL_S`` costs only its in-flight rows: the shard is re-sent
 minus every id already written.
 
 A job that cannot succeed stops early (``JobCannotSucceed``, exit 7): a worker's circuit
 breaker, or the rolling error rate watched here over the tables as they arrive, halts
-the limiter, which refuses every worker's next lease; the shards end short, what was
-answered is written, and the rest stays unsent for the rerun.
+the limiter, which refuses every worker's next lease, and every worker; the shards end
+short, what was answered is written, and the rest stays unsent for the rerun. The
+workers keep the reason, so a limiter that Ray restarts learns it again from them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -89,6 +90,7 @@ class Dispatcher:
         self._error_rate = error_rate
         self.halted: str | None = None  # why the job stops early (breaker, error rate)
         self.stopped_early = False  # a shard was left with rows unsent because of it
+        self._streams = itertools.count()  # names each run_shard for its acknowledgements
 
     async def run(self, plans: list[ShardPlan]) -> None:
         queue = deque(plans)
@@ -106,7 +108,8 @@ class Dispatcher:
         except ExceptionGroup as eg:
             # one lane failing cancels the others; report the cause, not the group
             raise _first_cause(eg) from eg
-        if self.halted is not None and self.stopped_early:  # answered rows are written
+        # answered rows are written; shards never started, or cut short, are not
+        if self.halted is not None and (queue or self.stopped_early):
             raise JobCannotSucceed(f"job stopped early: {self.halted}; rows without a result "
                                    "stay unsent: fix the cause and run the same command again")
 
@@ -125,17 +128,25 @@ class Dispatcher:
                     sent["status"].to_pylist(), sent["error_type"].to_pylist(),
                     sent["error_message"].to_pylist(), strict=True))
         if reason is not None:
-            self.halted = reason
-            self._limiter.halt.remote(reason)  # every worker stops at its next lease
+            self._halt(reason)
+
+    def _halt(self, reason: str) -> None:
+        """Stop every worker now, and the limiter's leases; each worker keeps the reason,
+        which a restarted limiter asks them for (its own copy is lost with it)."""
+        self.halted = reason
+        self._limiter.halt.remote(reason)
+        for w in self._workers:
+            w.halt.remote(reason)
 
     async def _stream(self, worker: Any, plan: ShardPlan) -> None:
         name = plan.shard.name
-        # Backpressure: each yield returns only once this loop has taken it, and it takes
-        # the next only after writing the last, so a worker runs at most about
-        # 2 x flush_rows answers ahead of the files (see worker._Feed).
+        stream = f"{name}#{next(self._streams)}"
+        # A worker sends only as far ahead of the written tables as feed.py allows: each
+        # write is acknowledged below. Backpressure on the stream itself keeps at most one
+        # table waiting in the object store.
         gen = worker.run_shard.options(
             num_returns="streaming", _generator_backpressure_num_objects=1).remote(
-            plan.shard, plan.skip, self._key_box, self._driver)
+            plan.shard, plan.skip, self._key_box, self._driver, stream)
         it = gen.__aiter__()
         while True:
             try:
@@ -145,6 +156,7 @@ class Dispatcher:
             table: pa.Table = await asyncio.wait_for(ref, STALL_S)
             if table.num_rows:
                 await asyncio.to_thread(self._store.write_part, name, table)
+                worker.written.remote(stream, table.num_rows)  # room for as many more
                 plan.skip.update(table["id"].to_pylist())
                 self._on_rows(table.num_rows)
                 self._watch(table)
@@ -166,7 +178,9 @@ class Dispatcher:
                 plan.skip = set()  # only a rerun of this shard needs them: free them now
                 return
             if self.halted is None:  # a worker's breaker may have stopped the job
-                self.halted = await asyncio.wait_for(self._limiter.halted.remote(), STALL_S)
+                reason = await asyncio.wait_for(self._limiter.halted.remote(), STALL_S)
+                if reason is not None:
+                    self._halt(reason)
             if self.halted is not None:
                 self.stopped_early = True  # the rest stays unsent, for the rerun
                 plan.skip = set()

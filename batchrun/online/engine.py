@@ -38,9 +38,14 @@ from batchrun.money.pricing import ModelPrice, cost_usd
 from batchrun.online.breaker import Breaker, job_wide_cause, safe_url
 from batchrun.spec import JobSpec
 
-__all__ = ["RowRunner"]
+__all__ = ["ARMED_RETRY_S", "RowRunner"]
 
 log = logging.getLogger("batchrun")
+
+# While the breaker is armed, a job-wide failure (401/403/404/refused/DNS) is retried after
+# this fixed pause, not the growing backoff: the breaker must see its streak in seconds
+# even with one request in flight (20 backoffs of up to 30 s would take minutes).
+ARMED_RETRY_S = 0.2
 
 
 @dataclass
@@ -252,6 +257,8 @@ class RowRunner:
                             **t.bill.fields(), **t.answer_fields())
 
     def _delay(self, e: RequestError | None, attempt: int) -> float:
+        if e is not None and self.breaker.armed and job_wide_cause(e) is not None:
+            return ARMED_RETRY_S  # the breaker is deciding: see ARMED_RETRY_S
         delay = backoff_s(attempt, self._spec.retry, self._rng)
         if isinstance(e, RateLimited):
             pause = e.retry_after if e.retry_after is not None else delay

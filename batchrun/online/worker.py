@@ -2,9 +2,10 @@
 
 Named ``batchrun:<job>:worker-N``. ``run_shard`` is a streaming generator: it
 yields an Arrow table of finished rows every ``flush_rows`` rows or
-``FLUSH_INTERVAL_S`` seconds, and the driver writes each one as a checkpoint
-before asking for the next. So a worker killed mid-shard loses only the
-requests it had in flight; the driver re-runs the shard minus the rows it has.
+``FLUSH_INTERVAL_S`` seconds; the driver writes each one as a checkpoint and
+acknowledges it (``written``), and only that makes room for more sends (feed.py).
+So a worker killed mid-shard loses only the requests it had in flight; the driver
+re-runs the shard minus the rows it has.
 
 The API key is read here, at the worker: from the named environment variable if
 this node has it, else from the object store, where the driver put it. It is
@@ -17,8 +18,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pyarrow as pa
@@ -29,12 +29,13 @@ from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
 from batchrun.api.tokens import count_chat_tokens
 from batchrun.errors import ClusterError
-from batchrun.io.shards import RequestRow, Shard, iter_shard_rows
+from batchrun.io.shards import Shard, iter_shard_rows
 from batchrun.limits.limiter import SLOT_VALIDITY_S, limiter_name
 from batchrun.limits.permits import LeaseAnswer, PermitPool
 from batchrun.money.budget import DEFAULT_MARGIN
 from batchrun.money.pricing import price_for, worst_case_usd
 from batchrun.online.engine import RowRunner
+from batchrun.online.feed import Feed, Room
 from batchrun.online.lifeline import DriverId, driver_exit
 from batchrun.online.metrics import JobMetrics
 from batchrun.spec import JobSpec
@@ -43,70 +44,6 @@ __all__ = ["FLUSH_INTERVAL_S", "Worker", "worker_name"]
 
 FLUSH_INTERVAL_S = 2.0
 LEASE_TIMEOUT_S = 120.0  # covers a limiter restart (its recovery asks workers, 10 s at most)
-
-
-class _Feed:
-    """One shard's rows in, its records out: what the lanes of ``run_shard`` share.
-
-    Lanes run at most ``flush_rows`` answers ahead of the driver: they take no new row
-    while the records not yet taken, plus those handed to the driver and not yet
-    consumed, reach ``flush_rows``. A driver that stops consuming (it died, or cannot
-    write) stops the sending with it, and no more than about ``2 * flush_rows`` answers
-    of a shard (the table the driver is writing, and these) are ever unwritten.
-    """
-
-    def __init__(self, rows: Iterator[list[RequestRow]], skip: set[str], flush_rows: int,
-                 stop: Callable[[], bool]):
-        self._rows = rows
-        self._skip = skip
-        self._stop = stop  # the budget is spent: read no further
-        self._queue: deque[RequestRow] = deque()
-        self._eof = False
-        self._reading = asyncio.Lock()
-        self._flush_rows = flush_rows
-        self._handed = 0  # rows of the table the driver has not consumed yet
-        self._room = asyncio.Event()
-        self._room.set()
-        self.recs: list[dict[str, Any]] = []
-        self.ready = asyncio.Event()
-
-    def _full(self) -> bool:
-        return len(self.recs) + self._handed >= self._flush_rows
-
-    async def next_row(self) -> RequestRow | None:
-        while self._full():  # backpressure: wait for the driver to take what is done
-            self._room.clear()
-            await self._room.wait()
-        while not self._queue:
-            if self._eof or self._stop():
-                return None
-            async with self._reading:  # one lane reads; the others wait for its batch
-                if self._queue or self._eof:
-                    continue
-                # Parquet reads block: do them off the event loop that serves requests
-                batch = await asyncio.to_thread(next, self._rows, None)
-                if batch is None:
-                    self._eof = True
-                else:
-                    self._queue.extend(r for r in batch if r.id not in self._skip)
-        return self._queue.popleft()
-
-    def put(self, rec: dict[str, Any]) -> None:
-        self.recs.append(rec)
-        if len(self.recs) >= self._flush_rows:
-            self.ready.set()
-
-    def take(self) -> list[dict[str, Any]]:
-        """The records done so far, handed to the driver until ``consumed``."""
-        recs, self.recs = self.recs, []
-        self._handed = len(recs)
-        return recs
-
-    def consumed(self) -> None:
-        """The driver took the last table (a yield returns once it has, see dispatch.py)."""
-        self._handed = 0
-        if not self._full():
-            self._room.set()
 
 
 def worker_name(job: str, index: int) -> str:
@@ -125,6 +62,10 @@ class Worker:
         self._key_box: list[Any] = [None]  # from run_shard: see _api_key
         self._schema = schema
         self._runner: RowRunner | None = None
+        self._halted: str | None = None  # why the job stops, once it does
+        # rows taken and not yet written by the driver: see feed.py
+        self._room = Room(2 * spec.flush_rows + concurrency)
+        self._feeds: dict[str, Feed] = {}  # by stream name, until their tables are written
         self._in_flight = 0
         self._done = 0
         self._ok = 0
@@ -151,6 +92,7 @@ class Worker:
         self._sem = asyncio.Semaphore(self._concurrency)
         self._session = open_session(spec.endpoint, self._concurrency)
         self._permits = PermitPool(self._lease, validity=SLOT_VALIDITY_S)
+        self._permits.exhausted = self._halted is not None  # halted before its first shard
         self._metrics = JobMetrics(spec.name)
         price = self._price = price_for(spec)
         self._counted: tuple[object, int] = (None, 0)
@@ -194,26 +136,31 @@ class Worker:
         """The breaker tripped: stop this worker's sends and reads now (as a spent budget
         does), and the others' at their next lease; the driver reads the reason."""
         self._limiter.halt.remote(reason)
-        self._permits.exhausted = True
+        self.halt(reason)
 
     def _pause_all(self, seconds: float) -> None:
         self._permits.pause(seconds)
         self._limiter.pause.remote(seconds)  # fire and forget: the others learn on next lease
 
-    async def _lane(self, runner: RowRunner, feed: _Feed) -> None:
+    async def _lane(self, runner: RowRunner, feed: Feed) -> None:
         """One request at a time, row after row: ``concurrency`` lanes share the worker's
-        semaphore, so there is no task per row (a lane is cheaper than a task a row)."""
-        while (row := await feed.next_row()) is not None:
+        semaphore, so there is no task per row (a lane is cheaper than a task a row). A
+        lane takes its row holding a slot, so no row waits unsent while it holds room."""
+        while True:
             async with self._sem:
+                if (row := await feed.next_row()) is None:
+                    return
                 self._in_flight += 1
                 try:
                     rec = await runner.run(row)
                 finally:
                     self._in_flight -= 1
-            if rec is not None:  # None: the budget refused it; the row stays unsent
+            if rec is None:  # the budget refused it or the job halted: the row stays unsent
+                feed.drop()
+            else:
                 feed.put(rec)
 
-    async def _feed(self, feed: _Feed) -> None:
+    async def _feed(self, feed: Feed) -> None:
         runner = await self._setup()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -232,19 +179,23 @@ class Worker:
         return pa.Table.from_pylist(recs, schema=self._schema)
 
     async def run_shard(self, shard: Shard, skip: set[str], key_box: list[Any],
-                        driver: DriverId | None = None) -> AsyncIterator[pa.Table]:
+                        driver: DriverId | None = None, stream: str = ""
+                        ) -> AsyncIterator[pa.Table]:
         """Yield tables of finished rows of ``shard``, leaving out the ids in ``skip``.
 
         ``key_box`` holds the reference to the API key, with every shard rather than once
         in the constructor: Ray warns that a restarted actor whose constructor arguments
         are in the object store may fail to start (ray#53727), and this way it cannot.
         ``driver``: the process consuming this stream; once it exits, nothing is sent.
+        ``stream``: this run's name in the driver's acknowledgements (``written``).
         """
         self._key_box = key_box
-        feed = _Feed(iter_shard_rows(self._spec, shard), skip, self._spec.flush_rows,
-                     lambda: self._permits.exhausted)
+        feed = Feed(iter_shard_rows(self._spec, shard), skip, self._spec.flush_rows,
+                    self._room, lambda: self._permits.exhausted)
+        self._feeds[stream] = feed
         task = asyncio.create_task(self._feed(feed))
-        # answers sent to a dead driver are paid for and never written: stop at once
+        # answers sent to a dead driver are paid for and never written: stop at once (the
+        # driver's own node; elsewhere the missing acknowledgements stop it, feed.py)
         lifeline = asyncio.create_task(driver_exit(driver)) if driver else None
         if lifeline is not None:
             lifeline.add_done_callback(lambda _: task.cancel())
@@ -257,7 +208,6 @@ class Worker:
                 if task.done():
                     break
                 yield self._table(feed.take())  # empty when idle: the driver's heartbeat
-                feed.consumed()  # the yield returns once the driver took it (backpressure)
             if recs := feed.take():  # answered (and paid for) even if the shard then failed
                 yield self._table(recs)
             await task  # re-raises a read error of the shard
@@ -265,6 +215,24 @@ class Worker:
             task.cancel()
             if lifeline is not None:
                 lifeline.cancel()
+            if feed.close() and self._feeds.get(stream) is feed:
+                del self._feeds[stream]
+
+    def written(self, stream: str, rows: int) -> None:
+        """The driver wrote a table of ``rows`` rows of ``stream``: room for as many more."""
+        feed = self._feeds.get(stream)
+        if feed is not None and feed.written(rows):
+            del self._feeds[stream]
+
+    def halt(self, reason: str) -> None:
+        """The job stops (the driver's error rate, or another worker's breaker): send no
+        more, and keep the reason for a restarted limiter (``RateLimiter._recover``)."""
+        self._halted = self._halted or reason
+        if self._runner is not None:
+            self._permits.exhausted = True
+
+    def halted(self) -> str | None:
+        return self._halted
 
     def recent_sends(self) -> list[tuple[float, float]]:
         return self._permits.recent_sends() if self._runner is not None else []

@@ -1,0 +1,94 @@
+"""What the runner hands online mode: the shards left to send, this run's spending gate,
+and the dispatch itself, under a progress bar."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from batchrun.io.shards import Shard
+from batchrun.io.writer import ResultsStore
+from batchrun.limits.limiter import BudgetConfig
+from batchrun.online.breaker import ErrorRate
+from batchrun.online.dispatch import Dispatcher, ShardPlan
+from batchrun.online.metrics import JobMetrics
+from batchrun.spec import JobSpec
+
+__all__ = ["budget_config", "dispatch", "ledger_id", "plans_left"]
+
+
+def plans_left(spec: JobSpec, shards: list[Shard], store: ResultsStore,
+               redo_errors: bool) -> tuple[list[ShardPlan], int]:
+    """Shards with work left, and how many rows already have a final answer."""
+    plans, done = [], 0
+    # with a budget, a complete shard may hold rows it cut short: look at their ids
+    budgeted = spec.budget.max_cost_usd is not None or spec.budget.daily_usd is not None
+    for shard in shards:
+        if store.final_rows(shard.name) == shard.num_rows and not (redo_errors or budgeted):
+            done += shard.num_rows
+            continue
+        skip = store.answered_ids(shard.name, redo_errors=redo_errors)
+        done += len(skip)
+        if len(skip) < shard.num_rows or store.final_rows(shard.name) is None:
+            plans.append(ShardPlan(shard, skip))
+    return plans, done
+
+
+def budget_config(spec: JobSpec, store: ResultsStore) -> BudgetConfig | None:
+    """This run's spending gate: the job cap minus what earlier runs already spent."""
+    b = spec.budget
+    if b.max_cost_usd is None and b.daily_usd is None:
+        return None
+    cap = None if b.max_cost_usd is None else max(0.0, b.max_cost_usd - store.spent_usd())
+    return BudgetConfig(job_cap_usd=cap, daily_usd=b.daily_usd, ledger_dir=b.ledger_dir,
+                        timezone=b.timezone, job_id=ledger_id(spec))
+
+
+def ledger_id(spec: JobSpec) -> str:
+    """Stable across runs of the same job, so a rerun can charge what a crash left."""
+    return f"{spec.name}@{hashlib.sha1(str(Path(spec.output).resolve()).encode()).hexdigest()[:8]}"
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TaskProgressColumn(), TextColumn("{task.fields[rate]} rows/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
+        console=Console(stderr=True),
+    )
+
+
+def dispatch(spec: JobSpec, limiter: Any, workers: list[Any], key_box: list[Any],
+             store: ResultsStore, plans: list[ShardPlan], total: int, done: int,
+             progress: bool) -> bool:
+    """Run the plans on the job's actors; returns whether the budget ran out."""
+    metrics = JobMetrics(spec.name)
+    with _progress(progress) as bar:
+        task = bar.add_task(spec.name, total=total, completed=done, rate="-")
+        t0, count = time.monotonic(), 0
+
+        def on_rows(n: int) -> None:
+            nonlocal count
+            count += n
+            rate = count / max(time.monotonic() - t0, 1e-9)
+            bar.update(task, advance=n, rate=f"{rate:,.0f}")
+            metrics.set_remaining(total - done - count)
+
+        dispatcher = Dispatcher(limiter, workers, store, on_rows, key_box,
+                                ErrorRate(spec.retry.max_error_rate, spec.retry.error_window_rows))
+        asyncio.run(dispatcher.run(plans))
+        return dispatcher.budget_exhausted

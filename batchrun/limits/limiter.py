@@ -3,7 +3,8 @@
 One per job, named ``batchrun:<job>:rate-limiter``. It takes no CPU, answers a
 lease in microseconds, and is restarted by Ray if it dies. A restarted limiter
 has lost its log of recent grants, so it starts with every window full: the
-limit still holds, at the price of one window's pause (see ``block_all``).
+limit still holds, at the price of one window's pause (see ``block_all``). It asks
+the workers for their recent sends, and for the halt, if the job was stopping.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from typing import Any
 
 from batchrun.api.client import ApiClient
 from batchrun.api.protocols import Completion
+from batchrun.api.registry import kind_for
 from batchrun.api.retry import backoff_s
 from batchrun.errors import (
     BudgetExhausted,
@@ -121,6 +122,7 @@ class RowRunner:
         self._check = check
         self._rng = rng or random.Random()
         self._fields = {**spec.generation.request_fields(), **(extra_body or {})}
+        self._kind = kind_for(spec)
         # One breaker per worker (its rows share this runner). on_trip(reason) stops the
         # job: the worker tells the limiter, which refuses every worker's next lease.
         self.breaker = Breaker(spec.retry.breaker_requests)
@@ -139,11 +141,10 @@ class RowRunner:
         return cost_usd(self._price, c.prompt_tokens, c.completion_tokens) if self._price else 0.0
 
     def _settle_failure(self, usd: float | None, e: RequestError) -> None:
-        # A timed-out or cut request may have been processed, and an HTTP 200 whose body
-        # we rejected (malformed, too large) was: assume the worst. 429/5xx/4xx: not billed.
+        # The error says whether the provider may have billed it (a timeout, a cut
+        # connection, a 200 we refused): then assume the worst. 429/5xx/4xx: not billed.
         if usd is not None:
-            maybe_billed = e.error_type in ("timeout", "connection") or e.status == 200
-            self._permits.settle(usd, usd if maybe_billed else 0.0)
+            self._permits.settle(usd, usd if e.maybe_billed else 0.0)
 
     async def run(self, row: RequestRow) -> dict[str, Any] | None:
         """Attempts until success, a fatal error or ``max_attempts``.
@@ -165,7 +166,7 @@ class RowRunner:
         if row.messages is None:
             return self._record(row, started, status="error", error_type="bad_row",
                                 error_message=row.error)
-        body = {"model": self._spec.model, "messages": row.messages, **self._fields}
+        body = self._kind.body(self._spec, row.messages, self._fields)
         cost = self._token_cost(row.messages) if self._token_cost else 1.0
         usd = self._usd_cost(row.messages) if self._usd_cost else None
         t = _Try()

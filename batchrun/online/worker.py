@@ -25,9 +25,9 @@ import pyarrow as pa
 import ray
 
 from batchrun.api.client import ApiClient, open_session
+from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
-from batchrun.api.tokens import count_chat_tokens
 from batchrun.errors import ClusterError
 from batchrun.io.shards import Shard, iter_shard_rows
 from batchrun.limits.limiter import SLOT_VALIDITY_S, limiter_name
@@ -96,7 +96,8 @@ class Worker:
         self._metrics = JobMetrics(spec.name)
         price = self._price = price_for(spec)
         self._counted: tuple[object, int] = (None, 0)
-        client = ApiClient(self._session, spec.endpoint, key)
+        self._kind = kind_for(spec)
+        client = ApiClient(self._session, spec.endpoint, key, self._kind, provider_for(spec))
 
         def on_trip(reason: str) -> None:  # a provider may echo the key in its message
             self._halt(redact(reason, key))
@@ -111,7 +112,7 @@ class Worker:
     def _prompt_tokens(self, msgs: list[dict[str, Any]]) -> int:
         # _tokens and _worst_usd ask for the same row one after the other: count it once
         if msgs is not self._counted[0]:
-            self._counted = (msgs, count_chat_tokens(msgs, self._spec.model))
+            self._counted = (msgs, self._kind.prompt_tokens(msgs, self._spec.model))
         return self._counted[1]
 
     def _tokens(self, msgs: list[dict[str, Any]]) -> float:

@@ -24,8 +24,9 @@ import pyarrow as pa
 import ray
 from ray.job_config import JobConfig
 
+from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.structured import Structured
-from batchrun.errors import BudgetExhausted, ClusterError, JobCannotSucceed, UserError
+from batchrun.errors import BudgetExhausted, ClusterError, JobCannotSucceed, SpecError, UserError
 from batchrun.io.resume import check_fingerprint, refuse_duplicates
 from batchrun.io.shards import Shard, carry_schema, plan_shards, record_plan, validate_input
 from batchrun.io.summary import Summary, save_summary, summarize
@@ -221,6 +222,10 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     if opts.mode:
         spec = spec.model_copy(update={"mode": opts.mode})
     _refuse_options(spec_path, spec, opts)
+    try:  # the request kind and the provider are looked up by name: an unknown one is bad input
+        kind_for(spec), provider_for(spec)
+    except SpecError as e:
+        raise SpecError(f"{spec_path}: {e}") from None
     _warn_max_tokens(spec, price_for(spec))  # a model with no price is refused here too
     files = validate_input(spec)
     shards = plan_shards(spec, files)

@@ -76,8 +76,9 @@ class _Model(BaseModel):
 
 
 class EndpointSpec(_Model):
-    api: Literal["openai"] = Field(
-        "openai", description="The provider's API (api/registry.py): an OpenAI-compatible one.")
+    api: str = Field(
+        "openai", description="The provider's API, one of api/registry.py's PROVIDERS: "
+        "openai (any OpenAI-compatible endpoint).")
     base_url: str = Field(
         "http://127.0.0.1:8000/v1",
         description="OpenAI-compatible base URL ending in /v1; ignored when `simulate` is set.",
@@ -263,8 +264,9 @@ class BatchSettings(_Model):
 class JobSpec(_Model):
     name: str = Field(..., description="Job name; names the Ray actors batchrun:<name>:...")
     input: str = Field(..., description="Parquet file, folder or glob; may use {ds}.")
-    task: Literal["chat"] = Field(
-        "chat", description="The request kind (api/registry.py): chat completions.")
+    task: str = Field(
+        "chat", description="The request kind, one of api/registry.py's KINDS: chat "
+        "(chat completions).")
     prompt_column: str | None = Field(None, description="Column of plain-text prompts.")
     messages_column: str | None = Field(
         None, description="Column of chat messages: a list of {role, content}."

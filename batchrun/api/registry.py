@@ -7,10 +7,15 @@ module implementing ``protocols.Provider`` and one entry in ``PROVIDERS``.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from batchrun.api.chat import ChatKind
 from batchrun.api.openai import OpenAIProvider
 from batchrun.api.protocols import Provider, RequestKind
+from batchrun.errors import SpecError
 from batchrun.spec import JobSpec
+
+T = TypeVar("T")
 
 __all__ = ["KINDS", "PROVIDERS", "kind_for", "provider_for"]
 
@@ -19,10 +24,18 @@ PROVIDERS: dict[str, Provider] = {OpenAIProvider.api: OpenAIProvider()}
 
 
 def kind_for(spec: JobSpec) -> RequestKind:
-    """The request kind of the spec's task (validated by the spec: always known)."""
-    return KINDS[spec.task]
+    """The request kind of the spec's ``task``; an unknown one is a spec error."""
+    return _known(KINDS, spec.task, "task")
 
 
 def provider_for(spec: JobSpec) -> Provider:
-    """The provider of the spec's endpoint API (validated by the spec: always known)."""
-    return PROVIDERS[spec.endpoint.api]
+    """The provider of the spec's ``endpoint.api``; an unknown one is a spec error."""
+    return _known(PROVIDERS, spec.endpoint.api, "endpoint.api")
+
+
+def _known(table: dict[str, T], name: str, field: str) -> T:
+    try:
+        return table[name]
+    except KeyError:
+        raise SpecError(f"{field}: unknown {name!r}; use one of: {', '.join(sorted(table))}"
+                        ) from None

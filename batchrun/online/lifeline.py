@@ -7,8 +7,9 @@ puts workers in process groups of their own: they learn of it only when they not
 the raylet is gone, 1.5 s later, in which two workers sent 1,000 requests (measured at
 600 rows/s). A worker on the driver's node therefore watches the driver's process
 itself, through a pidfd, so the kernel tells it the moment the driver exits. A worker
-on another node has Ray end it when its owner dies, and the stream's backpressure
-(``dispatch.py``) stops its sending before that.
+on another node has Ray end it when its owner dies; until then it takes rows only while
+the driver keeps confirming its writes (``feed.py``), so a dead driver stops it within
+``concurrency`` + 2 × ``flush_rows`` rows.
 """
 
 from __future__ import annotations

@@ -370,8 +370,7 @@ async def _run_rows(base_url: str, s: Structured, n: int, attempts: int) -> list
     async with open_session(endpoint, 32) as session:
         permits = PermitPool(_grant_all, validity=60.0)
         runner = RowRunner(spec, ApiClient(session, endpoint, None), permits,
-                           pause_all=permits.pause, check=s.check,
-                           extra_body=s.request_fields())
+                           pause_all=permits.pause, structured=s)
         rows = [RequestRow(f"r{i}", [{"role": "user", "content": f"item {i}"}])
                 for i in range(n)]
         records = await asyncio.gather(*(runner.run(r) for r in rows))

@@ -26,6 +26,7 @@ from batchrun.api.client import ApiClient
 from batchrun.api.protocols import Completion
 from batchrun.api.registry import kind_for
 from batchrun.api.retry import backoff_s
+from batchrun.api.structured import Structured
 from batchrun.errors import (
     BudgetExhausted,
     FatalRequestError,
@@ -35,7 +36,8 @@ from batchrun.errors import (
 )
 from batchrun.io.shards import RequestRow
 from batchrun.limits.permits import PermitPool, PermitTooLarge
-from batchrun.money.pricing import ModelPrice, cost_usd
+from batchrun.money.budget import DEFAULT_MARGIN
+from batchrun.money.pricing import ModelPrice, cost_usd, worst_case_usd
 from batchrun.online.breaker import Breaker, job_wide_cause, safe_url
 from batchrun.spec import JobSpec
 
@@ -102,32 +104,42 @@ class RowRunner:
         permits: PermitPool,
         *,
         pause_all: Callable[[float], None],
-        token_cost: Callable[[list[dict[str, Any]]], float] | None = None,
-        usd_cost: Callable[[list[dict[str, Any]]], float] | None = None,
-        price: ModelPrice | None = None,
-        check: Callable[[Completion], dict[str, Any]] | None = None,
-        extra_body: dict[str, Any] | None = None,
-        rng: random.Random | None = None,
         on_trip: Callable[[str], None] | None = None,
+        price: ModelPrice | None = None,
+        budgeted: bool = False,
+        structured: Structured | None = None,
+        rng: random.Random | None = None,
     ):
         self._spec = spec
         self._client = client
         self._permits = permits
-        self._pause_all = pause_all
-        self._token_cost = token_cost
-        self._usd_cost = usd_cost  # worst case of one attempt, reserved before it is sent
+        self._pause_all = pause_all  # a 429: every worker holds its sends
         self._price = price
-        # check: validates an answer (structured outputs) and returns extra result
-        # fields; it raises RetryableError(error_type="invalid_output") to retry.
-        self._check = check
+        self._budgeted = budgeted  # reserve each attempt's worst case before it is sent
+        # structured outputs: check validates an answer and returns extra result fields;
+        # it raises RetryableError(error_type="invalid_output") to retry
+        self._check = structured.check if structured else None
         self._rng = rng or random.Random()
-        self._fields = {**spec.generation.request_fields(), **(extra_body or {})}
+        self._fields = {**spec.generation.request_fields(),
+                        **(structured.request_fields() if structured else {})}
         self._kind = kind_for(spec)
         # One breaker per worker (its rows share this runner). on_trip(reason) stops the
         # job: the worker tells the limiter, which refuses every worker's next lease.
         self.breaker = Breaker(spec.retry.breaker_requests)
         self._on_trip = on_trip
-        self._url = safe_url(spec.endpoint.base_url + "/chat/completions")
+        self._url = safe_url(spec.endpoint.base_url + self._kind.path)
+
+    def _reservation(self, payload: Any) -> tuple[float, float | None]:
+        """What each attempt of a row reserves: send-slot cost (its tokens when TPM is
+        limited, else one request) and, with a budget, its worst-case USD."""
+        spec = self._spec
+        need_tokens = bool(spec.limits.tpm) or self._budgeted
+        prompt = self._kind.prompt_tokens(payload, spec.model) if need_tokens else 0
+        cost = float(prompt + spec.generation.max_tokens) if spec.limits.tpm else 1.0
+        usd = (worst_case_usd(self._price, prompt, spec.generation.max_tokens,
+                              margin=DEFAULT_MARGIN)
+               if self._budgeted and self._price is not None else None)
+        return cost, usd
 
     def _record(self, row: RequestRow, started: datetime, **kw: Any) -> dict[str, Any]:
         rec: dict[str, Any] = {
@@ -167,8 +179,7 @@ class RowRunner:
             return self._record(row, started, status="error", error_type="bad_row",
                                 error_message=row.error)
         body = self._kind.body(self._spec, row.messages, self._fields)
-        cost = self._token_cost(row.messages) if self._token_cost else 1.0
-        usd = self._usd_cost(row.messages) if self._usd_cost else None
+        cost, usd = self._reservation(row.messages)
         t = _Try()
         while True:
             if self.breaker.tripped:  # the job is stopping: send nothing more

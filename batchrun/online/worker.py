@@ -32,8 +32,7 @@ from batchrun.errors import ClusterError
 from batchrun.io.shards import Shard, iter_shard_rows
 from batchrun.limits.limiter import SLOT_VALIDITY_S, limiter_name
 from batchrun.limits.permits import LeaseAnswer, PermitPool
-from batchrun.money.budget import DEFAULT_MARGIN
-from batchrun.money.pricing import price_for, worst_case_usd
+from batchrun.money.pricing import price_for
 from batchrun.online.engine import RowRunner
 from batchrun.online.feed import Feed, Room
 from batchrun.online.lifeline import DriverId, driver_exit
@@ -95,33 +94,14 @@ class Worker:
         self._permits.exhausted = self._halted is not None  # halted before its first shard
         self._metrics = JobMetrics(spec.name)
         price = self._price = price_for(spec)
-        self._counted: tuple[object, int] = (None, 0)
         self._kind = kind_for(spec)
         client = ApiClient(self._session, spec.endpoint, key, self._kind, provider_for(spec))
 
         def on_trip(reason: str) -> None:  # a provider may echo the key in its message
             self._halt(redact(reason, key))
 
-        return RowRunner(
-            spec, client, self._permits, pause_all=self._pause_all, price=price, on_trip=on_trip,
-            token_cost=self._tokens if spec.limits.tpm else None,
-            usd_cost=self._worst_usd if self._budgeted else None,
-            check=self._structured.check if self._structured else None,
-            extra_body=self._structured.request_fields() if self._structured else None)
-
-    def _prompt_tokens(self, msgs: list[dict[str, Any]]) -> int:
-        # _tokens and _worst_usd ask for the same row one after the other: count it once
-        if msgs is not self._counted[0]:
-            self._counted = (msgs, self._kind.prompt_tokens(msgs, self._spec.model))
-        return self._counted[1]
-
-    def _tokens(self, msgs: list[dict[str, Any]]) -> float:
-        """What the TPM limit counts: the prompt estimate plus max_tokens."""
-        return self._prompt_tokens(msgs) + self._spec.generation.max_tokens
-
-    def _worst_usd(self, msgs: list[dict[str, Any]]) -> float:
-        return worst_case_usd(self._price, self._prompt_tokens(msgs),
-                              self._spec.generation.max_tokens, margin=DEFAULT_MARGIN)
+        return RowRunner(spec, client, self._permits, pause_all=self._pause_all, price=price,
+                         on_trip=on_trip, budgeted=self._budgeted, structured=self._structured)
 
     async def _lease(self, costs: list[float], usd: list[float] | None,
                      settle: list[tuple[float, float]], spare: tuple[int, float]

@@ -29,6 +29,7 @@ from batchrun.api.structured import Structured
 from batchrun.errors import BudgetExhausted, ClusterError, JobCannotSucceed, SpecError, UserError
 from batchrun.io.resume import check_fingerprint, refuse_duplicates
 from batchrun.io.shards import Shard, carry_schema, plan_shards, record_plan, validate_input
+from batchrun.io.storage import join, remove_empty_dir
 from batchrun.io.summary import Summary, save_summary, summarize
 from batchrun.io.writer import ResultsStore, result_schema
 from batchrun.limits.limiter import BudgetConfig, RateLimiter, limiter_name
@@ -317,16 +318,16 @@ def _send(job: _Job, spec: JobSpec, key: str | None, opts: RunOptions, run: _Run
 
 def _summarize(job: _Job, spec: JobSpec, run: _Run) -> Summary:
     """The summary of this run, from the results on disk, saved as OUTPUT/summary.json."""
-    with contextlib.suppress(OSError):  # every shard final: no checkpoints are left
-        (Path(spec.output) / "parts").rmdir()
+    store = job.store  # every shard final: no checkpoints are left, nor their folder
+    remove_empty_dir(join(store.root, "parts"), fs=store.fs)
     # Ray's start-up is reported on its own, not in the job's wall time and rates
     wall = time.monotonic() - run.t0 - (run.ray_s or 0.0)
-    summary = summarize(job.store.result_files(), job=spec.name,
+    summary = summarize(store.result_files(), job=spec.name,
                         wall_s=wall, run_started=run.started,
                         total_rows=job.total, ray_startup_s=run.ray_s,
                         budget_exhausted=run.exhausted, pending_batches=run.pending,
-                        output=str(spec.output))
-    save_summary(summary, Path(spec.output) / "summary.json")
+                        output=str(spec.output), fs=store.fs)
+    save_summary(summary, join(store.root, "summary.json"), fs=store.fs)
     return summary
 
 

@@ -6,26 +6,23 @@ in the job, and enough to find the row again (with its id and carried columns) b
 re-reading its shard, so no row data has to be kept anywhere else.
 
 Chunks respect ``batch.max_requests_per_file`` and ``batch.max_bytes_per_file``; rows
-are read a record batch at a time and lines go straight to a temp file, so no process
-holds the whole input. Bad rows (no usable prompt) take no line, but belong to a chunk
-so that collecting it records their error.
+are read a record batch at a time and lines go straight to a staged file (committed
+whole by ``storage.Staged``), so no process holds the whole input. Bad rows (no usable
+prompt) take no line, but belong to a chunk so that collecting it records their error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from batchrun.api.registry import kind_for, provider_for
 from batchrun.batch.state import ChunkState, Ranges, count_rows, to_ranges
 from batchrun.errors import InputDataError
 from batchrun.io.shards import RequestRow, Shard, iter_shard_rows
-from batchrun.io.storage import output_error
+from batchrun.io.storage import Staged
 from batchrun.spec import JobSpec
 
 __all__ = [
@@ -66,26 +63,15 @@ def iter_selected(spec: JobSpec, shard: Shard,
             pos += 1
 
 
-@contextlib.contextmanager
-def _disk(path: Path) -> Iterator[None]:
-    """A chunk file that cannot be written is an output error (exit 3), not a traceback."""
-    try:
-        yield
-    except OSError as e:
-        raise output_error(path, e) from None
-
-
 class ChunkWriter:
-    """One JSONL chunk being written: lines go to a temp file, renamed when closed."""
+    """One JSONL chunk being written: lines go to a staged file, committed when closed;
+    a file that cannot be written is an output error (exit 3), not a traceback."""
 
     def __init__(self, folder: Path, seq: int, attempt: int = 1):
         self.seq, self.attempt = seq, attempt
         self.name = f"chunk-{seq:06d}.jsonl"
         self.path = folder / self.name
-        self._tmp = folder / f".{self.name}.{uuid.uuid4().hex[:8]}.tmp"
-        with _disk(self.path):
-            folder.mkdir(parents=True, exist_ok=True)
-            self._f: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - see close()
+        self._f: Staged | None = Staged(self.path)
         self._positions: dict[int, list[int]] = {}
         self.n_requests = 0
         self.n_bytes = 0
@@ -103,8 +89,7 @@ class ChunkWriter:
         self.worst_usd += worst_usd
         self._positions.setdefault(shard_index, []).append(pos)
         if line is not None:
-            with _disk(self.path):
-                self._f.write(line)
+            self._f.write(line)
             self.n_requests += 1
             self.n_bytes += len(line)
 
@@ -113,14 +98,10 @@ class ChunkWriter:
         return not self._positions
 
     def close(self) -> ChunkState:
-        """fsync and rename the file; the chunk's state at step ``written``."""
+        """Commit the file; the chunk's state at step ``written``."""
         assert self._f is not None
-        with _disk(self.path):
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
-            os.replace(self._tmp, self.path)
+        self._f.commit()
+        self._f = None
         ranges: Ranges = {s: to_ranges(p) for s, p in self._positions.items()}
         return ChunkState(seq=self.seq, attempt=self.attempt, rows=ranges,
                           n_rows=count_rows(ranges), n_requests=self.n_requests,
@@ -128,10 +109,8 @@ class ChunkWriter:
 
     def discard(self) -> None:
         if self._f is not None:
-            self._f.close()
+            self._f.discard()
             self._f = None
-        with contextlib.suppress(OSError):
-            self._tmp.unlink()
 
 
 def line_for(spec: JobSpec, shard: Shard, pos: int, row: RequestRow,

@@ -27,8 +27,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchrun.errors import ResumeRefused
+from batchrun.io import storage
 from batchrun.io.resume import Fingerprint
-from batchrun.io.storage import commit_bytes
 from batchrun.spec import JobSpec
 
 __all__ = [
@@ -124,18 +124,18 @@ class StateFile:
     """``OUTPUT/batch/state.json`` of one job."""
 
     def __init__(self, output: str | Path):
-        self.dir = Path(output) / "batch"
+        self.dir = Path(output) / "batch"  # local: the chunk files are uploaded from it
         self.path = self.dir / "state.json"
 
     def load(self, spec: JobSpec, tag: str = "") -> BatchJobState:
         """The saved state, or a fresh one tagged ``tag``. Whether the results may be
         resumed is ``resume.check_fingerprint``'s call (honouring --force), not this one's."""
-        if not self.path.exists():
-            return BatchJobState(job=spec.name, fingerprint=tag)
         try:
-            state = BatchJobState.model_validate_json(self.path.read_bytes())
+            state = BatchJobState.model_validate_json(storage.read_bytes(self.path))
+        except FileNotFoundError:
+            return BatchJobState(job=spec.name, fingerprint=tag)
         except (OSError, ValidationError) as e:
-            reason = e.strerror if isinstance(e, OSError) else "not a batch state file"
+            reason = storage.reason(e) if isinstance(e, OSError) else "not a batch state file"
             raise ResumeRefused(
                 f"output: {self.path} is unreadable ({reason}); restore it, or delete "
                 f"{self.dir} to start the batches over (batches still open would be paid "
@@ -147,7 +147,7 @@ class StateFile:
         return state
 
     def save(self, state: BatchJobState) -> None:
-        commit_bytes(self.path, state.model_dump_json(indent=1).encode())  # atomic
+        storage.commit_bytes(self.path, state.model_dump_json(indent=1).encode())  # atomic
 
 
 def refuse_open_batches(spec: JobSpec) -> None:
@@ -155,7 +155,7 @@ def refuse_open_batches(spec: JobSpec) -> None:
     chunk at ``uploaded`` may have one: a batch run stopped between the create call and
     recording its answer, and only the provider knows (a batch run asks it)."""
     sf = StateFile(spec.output)
-    if not sf.path.exists():
+    if not storage.exists(sf.path):
         return
     chunks = sf.load(spec).chunks
     n = sum(1 for c in chunks if c.step in PAID_STEPS)

@@ -1,10 +1,15 @@
 """What makes a resume safe: the job's fingerprint, and unique row ids.
 
-``OUTPUT/job.json`` records the input files (name, size, rows, a hash of the
-Parquet footer) and a hash of every spec field that shapes a request (model,
-messages, generation, structured output). A rerun into the same folder with
-different inputs or request fields is refused, because its "already answered"
-rows would be answers to other questions; ``--force`` accepts the change.
+``OUTPUT/job.json`` records the input files (name relative to the input root, size,
+rows, a hash of the Parquet footer: content and schema, never mtimes) and a hash of
+every spec field that shapes a request (model, messages, generation, structured
+output). A rerun into the same folder with different inputs or request fields is
+refused, because its "already answered" rows would be answers to other questions;
+``--force`` accepts the change. The same files read from another place (a moved
+checkout, another machine's mount) are the same input; names matter only relative to
+the root, because default row ids are made of them. Online and batch mode both check
+here. A ``job.json`` of an older batchrun names its inputs by the path the spec gave
+(often absolute): such a name matches when it ends with the relative one.
 
 Duplicate ids are found before any request is sent: a duplicated id would be
 answered twice and written once. The check streams the id column, keeps one
@@ -18,14 +23,16 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from batchrun.errors import InputDataError, ResumeRefused
-from batchrun.io.storage import commit_bytes
+from batchrun.io import storage
+from batchrun.io.shards import input_root
+from batchrun.io.storage import commit_bytes, join
 from batchrun.spec import JobSpec
 
 __all__ = ["Fingerprint", "check_fingerprint", "find_duplicate_ids", "fingerprint",
@@ -37,7 +44,8 @@ _REQUEST_FIELDS = ("model", "prompt_column", "messages_column", "system_prompt",
 
 class InputFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="File path as the spec resolved it.")
+    name: str = Field(description="File path relative to the input root ('as_given' "
+                      "fingerprints: as the spec resolved it).")
     size: int = Field(description="Bytes.")
     rows: int = Field(description="Rows per the Parquet footer.")
     footer_sha256: str = Field(description="Hash of the footer: schema, row groups, statistics.")
@@ -51,10 +59,13 @@ class Fingerprint(BaseModel):
     inputs: list[InputFile] = Field(description="The input files.")
     request_sha256: str = Field(description="Hash of the request-shaping spec fields.")
     request_fields: dict[str, Any] = Field(description="Those fields, for a readable diff.")
+    names: Literal["relative", "as_given"] = Field(
+        "as_given", description="How inputs name their files: relative to the input root, "
+        "or (job.json of an older batchrun) the path as the spec gave it.")
 
 
 def _footer_hash(path: str) -> tuple[int, str]:
-    meta = pq.read_metadata(path)
+    meta = storage.read_footer(path)
     digest = hashlib.sha256(meta.schema.to_arrow_schema().serialize().to_pybytes())
     for i in range(meta.num_row_groups):
         rg = meta.row_group(i)
@@ -67,17 +78,19 @@ def _footer_hash(path: str) -> tuple[int, str]:
 
 def fingerprint(spec: JobSpec, files: list[str],
                 schema: dict[str, Any] | None = None) -> Fingerprint:
-    inputs = []
+    inputs, root = [], input_root(spec)
     for f in files:
         rows, sha = _footer_hash(f)
-        inputs.append(InputFile(name=f, size=os.path.getsize(f), rows=rows, footer_sha256=sha))
+        inputs.append(InputFile(name=Path(os.path.relpath(f, root)).as_posix(),
+                                size=storage.size(f), rows=rows, footer_sha256=sha))
     fields = spec.model_dump(include=set(_REQUEST_FIELDS), mode="json")
     if spec.task != "chat":  # other kinds ask other questions; chat outputs keep their hash
         fields["task"] = spec.task
     if schema is not None:  # the resolved schema: an edited schema file or model counts
         fields["resolved_schema"] = schema
     sha = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-    return Fingerprint(job=spec.name, inputs=inputs, request_sha256=sha, request_fields=fields)
+    return Fingerprint(job=spec.name, inputs=inputs, request_sha256=sha, request_fields=fields,
+                       names="relative")
 
 
 def _difference(old: Fingerprint, new: Fingerprint) -> str | None:
@@ -85,23 +98,34 @@ def _difference(old: Fingerprint, new: Fingerprint) -> str | None:
         changed = [k for k in (*_REQUEST_FIELDS, "resolved_schema")
                    if old.request_fields.get(k) != new.request_fields.get(k)]
         return f"request fields changed ({', '.join(changed)})"
-    if [i.name for i in old.inputs] != [i.name for i in new.inputs]:
+    if len(old.inputs) != len(new.inputs) or not all(
+            _same_name(a.name, b.name, old.names) for a, b in zip(old.inputs, new.inputs)):
         return "the set of input files changed"
     for a, b in zip(old.inputs, new.inputs):
-        if a != b:
+        if (a.size, a.rows, a.footer_sha256) != (b.size, b.rows, b.footer_sha256):
             return f"input {b.name} changed (size, rows or content)"
     return None
+
+
+def _same_name(old: str, relative: str, names: str) -> bool:
+    """Whether a recorded name is the file now named ``relative`` to the input root: the
+    same relative name, or an older record's path (absolute, or relative to the old
+    working folder) ending with it: the same files under a root that moved."""
+    if names == "relative":
+        return old == relative
+    want = Path(relative).parts
+    return Path(old).parts[-len(want):] == want
 
 
 def check_fingerprint(spec: JobSpec, files: list[str], *, force: bool,
                       schema: dict[str, Any] | None = None) -> Fingerprint:
     """Record the fingerprint, or refuse a resume whose inputs or request fields differ."""
-    path = Path(spec.output) / "job.json"
+    path = join(spec.output, "job.json")
     new = fingerprint(spec, files, schema)
-    if path.exists() and not force:
+    if not force and storage.exists(path):
         try:
-            old = Fingerprint.model_validate_json(path.read_text())
-        except ValueError:
+            old = Fingerprint.model_validate_json(storage.read_bytes(path))
+        except (OSError, ValueError):
             old = None  # unreadable: treat as a different job
         why = "job.json is unreadable" if old is None else _difference(old, new)
         if why:

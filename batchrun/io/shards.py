@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 
 from batchrun.api.registry import kind_for
 from batchrun.errors import InputDataError, ResumeRefused, SpecError
-from batchrun.io.storage import commit_bytes
+from batchrun.io import storage
+from batchrun.io.storage import commit_bytes, join
 from batchrun.spec import JobSpec
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Shard",
     "carry_schema",
     "input_files",
+    "input_root",
     "iter_shard_rows",
     "plan_shards",
     "record_plan",
@@ -104,11 +106,15 @@ def input_files(spec: JobSpec) -> list[str]:
     return files
 
 
-def _root_of(spec: JobSpec) -> str:
+def input_root(spec: JobSpec) -> str:
+    """The folder the input's file names are relative to (row ids, the fingerprint)."""
     src = spec.input
     if os.path.isdir(src):
         return src
     return os.path.dirname(src.split("*")[0].split("?")[0].split("[")[0]) or "."
+
+
+_root_of = input_root  # the name ops/submit.py imports
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -145,7 +151,7 @@ def _output_is_input(spec: JobSpec) -> bool:
     src = spec.input
     if not any(ch in src for ch in "*?["):
         return os.path.isdir(src) and _inside(out, os.path.realpath(src))
-    root = _root_of(spec)
+    root = input_root(spec)
     if not _inside(out, os.path.realpath(root)):
         return False
     if "**" in src:
@@ -206,10 +212,11 @@ def shard_size(spec: JobSpec, files: list[str]) -> int:
     return max(1, min(spec.shard_rows, -(-rows // (spec.workers * SHARDS_PER_WORKER))))
 
 
-def _has_rows(out: Path) -> bool:
+def _has_rows(out: str) -> bool:
     """Whether a run has written results, checkpoints or batches into ``out``."""
-    return (any((out / "results").glob("*.parquet")) or any((out / "parts").glob("*/*"))
-            or (out / "batch" / "state.json").exists())
+    return (any(f.endswith(".parquet") for f in storage.list_files(join(out, "results")))
+            or bool(storage.list_files(join(out, "parts"), recursive=True))
+            or storage.exists(join(out, "batch", "state.json")))
 
 
 def _planned_size(spec: JobSpec, files: list[str]) -> tuple[int, bool]:
@@ -220,13 +227,13 @@ def _planned_size(spec: JobSpec, files: list[str]) -> tuple[int, bool]:
     first run records its size. An output with rows but no plan file was written by a
     version that planned by ``shard_rows`` alone.
     """
-    out = Path(spec.output)
+    out = spec.output
     try:
-        return int(json.loads((out / PLAN_FILE).read_text())["shard_rows"]), True
+        return int(json.loads(storage.read_bytes(join(out, PLAN_FILE)))["shard_rows"]), True
     except FileNotFoundError:
         return (spec.shard_rows if _has_rows(out) else shard_size(spec, files)), False
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ResumeRefused(f"{out / PLAN_FILE}: unreadable ({e}); restore it, or use "
+        raise ResumeRefused(f"{join(out, PLAN_FILE)}: unreadable ({e}); restore it, or use "
                             "another output folder") from e
 
 
@@ -235,7 +242,7 @@ def record_plan(spec: JobSpec, files: list[str]) -> None:
     size, recorded = _planned_size(spec, files)
     if recorded:
         return
-    commit_bytes(Path(spec.output) / PLAN_FILE, (json.dumps({"shard_rows": size}) + "\n").encode())
+    commit_bytes(join(spec.output, PLAN_FILE), (json.dumps({"shard_rows": size}) + "\n").encode())
 
 
 def plan_shards(spec: JobSpec, files: list[str] | None = None) -> list[Shard]:
@@ -243,7 +250,7 @@ def plan_shards(spec: JobSpec, files: list[str] | None = None) -> list[Shard]:
     in the output (``record_plan``), else the one a first run would record."""
     files = files if files is not None else validate_input(spec)
     size, _ = _planned_size(spec, files)
-    root = _root_of(spec)
+    root = input_root(spec)
     shards: list[Shard] = []
     for path in files:
         prefix = os.path.relpath(path, root)

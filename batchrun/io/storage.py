@@ -1,15 +1,22 @@
-"""Storage: where a job's files live, and the one way a file is committed.
+"""Storage: where a job's files live, how they are read, and the one way one is committed.
 
-Every small state file (``job.json``, ``plan.json``, ``summary.json``, the batch state,
-the cluster record) and every results file is written by ``commit``: the new content
-goes to a temporary name in the same folder, is fsynced, replaces the old file with one
-``os.replace``, and the folder is fsynced, so a reader (or a resumed job, or a machine
-that lost power) sees the old content or the new one, never a torn file.
+A place is a path or a URI plus a ``pyarrow.fs`` filesystem (``locate``): a plain path is
+on the local disk as written; a URI names its filesystem; a caller holding a filesystem
+passes it as ``fs=`` and paths inside it. Every read, listing and deletion of results,
+checkpoint parts, state files and summaries goes through the functions below, so another
+filesystem (an object store) plugs in here and nowhere else.
 
-A place is a path or a URI plus a ``pyarrow.fs`` filesystem (``locate``). Only the local
-filesystem can commit today; an object store needs another commit (a conditional put,
-since a rename there is a copy), which plugs in at ``commit``. ``output_error`` is the
-one wording of "the output cannot be written" (exit 3).
+Every file batchrun keeps is written by ``commit`` (or, when it is streamed, ``Staged``):
+the new content goes to a temporary name in the same folder, is fsynced, replaces the old
+file with one ``os.replace``, and the folder is fsynced, so a reader (or a resumed job, or
+a machine that lost power) sees the old content or the new one, never a torn file. Only
+the local filesystem can commit today; an object store needs a conditional put instead
+(a rename there is a copy), which plugs in at ``Staged``. Nothing relies on renaming a
+folder. ``output_error`` is the one wording of "the output cannot be written" (exit 3).
+
+Reads raise ``OSError`` as the filesystem does (``FileNotFoundError`` for a missing file)
+and ``pyarrow.ArrowInvalid`` for a file that is not Parquet: each caller knows what a
+missing or broken file means to it.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import posixpath
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeAlias
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -28,21 +36,31 @@ import pyarrow.parquet as pq
 
 from batchrun.errors import OutputError
 
-__all__ = ["Where", "check_writable", "commit", "commit_bytes", "commit_table", "locate",
-           "output_error"]
+__all__ = ["Staged", "Where", "check_writable", "commit", "commit_bytes", "commit_table",
+           "delete", "exists", "join", "list_files", "locate", "move", "output_error",
+           "read_bytes", "read_footer", "read_table", "reason", "remove_empty_dir", "size"]
 
 Where = str | os.PathLike[str]
+FS: TypeAlias = "pafs.FileSystem | None"
+
+
+def reason(e: OSError) -> str:
+    """What went wrong, in the system's words ("Permission denied"): pyarrow's own text
+    repeats the path, which the message names already."""
+    if e.errno:
+        return os.strerror(e.errno)
+    return e.strerror or str(e)
 
 
 def output_error(path: Where, why: OSError | str, *, verb: str = "write") -> OutputError:
     """The one message for an output that cannot be written (or read back)."""
-    reason = why if isinstance(why, str) else (why.strerror or str(why))
-    return OutputError(f"output: cannot {verb} {os.fspath(path)}: {reason}; fix the folder's "
+    text = why if isinstance(why, str) else reason(why)
+    return OutputError(f"output: cannot {verb} {os.fspath(path)}: {text}; fix the folder's "
                        "permissions and run the same command again (it resumes), or choose "
                        "another output")
 
 
-def locate(where: Where, fs: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
+def locate(where: Where, fs: FS = None) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path inside it: ``fs`` if given, else from the URI's scheme;
     a plain path (relative ones too) is on the local disk, exactly as written."""
     text = os.fspath(where)
@@ -56,6 +74,83 @@ def locate(where: Where, fs: pafs.FileSystem | None = None) -> tuple[pafs.FileSy
     return pafs.LocalFileSystem(), text
 
 
+def join(base: str, *names: str) -> str:
+    """A path inside a filesystem: '/' separated on every one (local paths too)."""
+    return posixpath.join(base, *names)
+
+
+# -- reads -------------------------------------------------------------------------------
+
+def read_bytes(where: Where, *, fs: FS = None) -> bytes:
+    fs, path = locate(where, fs)
+    with fs.open_input_stream(path) as f:
+        return bytes(f.read())
+
+
+def read_table(where: Where, *, fs: FS = None, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, its key-value metadata kept in the schema."""
+    fs, path = locate(where, fs)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read(columns=columns)
+
+
+def read_footer(where: Where, *, fs: FS = None) -> pq.FileMetaData:
+    """A Parquet file's footer only: rows, schema, row groups, key-value metadata."""
+    fs, path = locate(where, fs)
+    with fs.open_input_file(path) as f:
+        return pq.read_metadata(f)
+
+
+def exists(where: Where, *, fs: FS = None) -> bool:
+    fs, path = locate(where, fs)
+    return bool(fs.get_file_info(path).type != pafs.FileType.NotFound)
+
+
+def size(where: Where, *, fs: FS = None) -> int:
+    fs, path = locate(where, fs)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(errno.ENOENT, "no such file", path)
+    return int(info.size)
+
+
+def list_files(prefix: Where, *, fs: FS = None, recursive: bool = False) -> list[str]:
+    """The files under ``prefix`` (paths inside the filesystem), sorted; none if it is
+    absent. Temporary names being committed (``.name.tmp``) are never listed."""
+    fs, path = locate(prefix, fs)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True,
+                                               recursive=recursive))
+    return sorted(i.path for i in infos
+                  if i.type == pafs.FileType.File and not i.base_name.startswith("."))
+
+
+# -- changes -----------------------------------------------------------------------------
+
+def delete(where: Where, *, fs: FS = None) -> None:
+    """Remove one file; a file already gone is not an error."""
+    fs, path = locate(where, fs)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
+def move(src: Where, dst: Where, *, fs: FS = None) -> None:
+    """Move a file aside (quarantine); not a commit: an object store copies it."""
+    fs, path = locate(src, fs)
+    target = os.fspath(dst)
+    fs.create_dir(posixpath.dirname(target) or ".", recursive=True)
+    fs.move(path, target)
+
+
+def remove_empty_dir(where: Where, *, fs: FS = None) -> None:
+    """Tidy a local folder left empty (an object store has no folders to tidy)."""
+    fs, path = locate(where, fs)
+    if isinstance(fs, pafs.LocalFileSystem):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+# -- the one commit ----------------------------------------------------------------------
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -67,22 +162,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _commit_local(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the content is on disk before the name points at it
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)  # and the rename itself survives a power cut
-    except OSError:
-        with contextlib.suppress(OSError):  # the folder may be the unwritable thing
-            tmp.unlink(missing_ok=True)
-        raise
-
-
 def _local(fs: pafs.FileSystem, where: Where) -> None:
     # An object store renames by copying: it needs a conditional put, added here later.
     if not isinstance(fs, pafs.LocalFileSystem):
@@ -90,38 +169,84 @@ def _local(fs: pafs.FileSystem, where: Where) -> None:
                            "use a local folder")
 
 
-def commit(where: Where, write: Callable[[BinaryIO], None], *,
-           fs: pafs.FileSystem | None = None) -> None:
+class Staged:
+    """A file written under a temporary name next to its target: ``commit`` puts it in
+    place atomically (see above), ``discard`` drops it. Every failure is ``OutputError``
+    naming the target, and leaves the old content in place."""
+
+    def __init__(self, where: Where, *, fs: FS = None):
+        fs, path = locate(where, fs)
+        _local(fs, where)
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit
+        except OSError as e:
+            raise output_error(self.path, e) from None
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.file.write(data)
+        except OSError as e:
+            self.discard()
+            raise output_error(self.path, e) from None
+
+    def commit(self) -> None:
+        try:
+            with self.file:
+                self.file.flush()
+                os.fsync(self.file.fileno())  # the content is on disk before the name
+            os.replace(self._tmp, self.path)
+            _fsync_dir(self.path.parent)  # and the rename itself survives a power cut
+        except OSError as e:
+            self.discard()
+            raise output_error(self.path, e) from None
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):  # the folder may be the unwritable thing
+            self._tmp.unlink(missing_ok=True)
+
+
+def commit(where: Where, write: Callable[[BinaryIO], None], *, fs: FS = None) -> None:
     """Write what ``write`` puts into a binary file to ``where``, atomically (see above);
     any failure is ``OutputError`` and leaves the old content in place."""
-    fs, path = locate(where, fs)
-    _local(fs, where)
+    staged = Staged(where, fs=fs)
     try:
-        _commit_local(Path(path), write)
+        write(staged.file)
     except OSError as e:
-        raise output_error(path, e) from None
+        staged.discard()
+        raise output_error(staged.path, e) from None
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit()
 
 
-def commit_bytes(where: Where, data: bytes, *, fs: pafs.FileSystem | None = None) -> None:
+def commit_bytes(where: Where, data: bytes, *, fs: FS = None) -> None:
     def write(f: BinaryIO) -> None:
         f.write(data)
     commit(where, write, fs=fs)
 
 
-def commit_table(where: Where, table: pa.Table, *, fs: pafs.FileSystem | None = None) -> None:
-    """One Parquet file holding ``table``."""
+def commit_table(where: Where, table: pa.Table, *, fs: FS = None) -> None:
+    """One Parquet file holding ``table`` (its schema's key-value metadata too)."""
     def write(f: BinaryIO) -> None:
         pq.write_table(table, f)
     commit(where, write, fs=fs)
 
 
-def check_writable(folder: Where, *, fs: pafs.FileSystem | None = None) -> None:
+def check_writable(folder: Where, *, fs: FS = None) -> None:
     """Fail before any request is sent, not after paying for the first answers."""
     fs, root = locate(folder, fs)
     _local(fs, folder)
     probe = Path(root) / f".write-probe-{uuid.uuid4().hex[:8]}"
     try:
-        _commit_local(probe, lambda f: None)
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
         raise output_error(root, e) from None

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
 from batchrun.errors import EXIT_PENDING, EXIT_ROW_ERRORS, BudgetExhausted, JobCannotSucceed
-from batchrun.io.storage import commit_bytes
+from batchrun.io.storage import Where, commit_bytes, read_table
 
 __all__ = ["Summary", "errors_line", "exit_code", "percentile", "render_summary", "save_summary",
            "summarize"]
@@ -118,13 +118,14 @@ class _Tally:
                       "cost_usd": row["cost_usd_sum"] or 0.0})
 
 
-def summarize(files: list[Path], *, job: str, wall_s: float, run_started: datetime,
+def summarize(files: Sequence[Where], *, job: str, wall_s: float, run_started: datetime,
               total_rows: int, ray_startup_s: float | None = None,
               budget_exhausted: bool = False, pending_batches: int = 0,
-              output: str | None = None) -> Summary:
+              output: str | None = None, fs: pafs.FileSystem | None = None) -> Summary:
+    """The summary of the final results ``files`` (on ``fs``: ``ResultsStore.fs``)."""
     tally = _Tally()
     for f in files:
-        tally.add(pq.read_table(f, columns=_COLS), run_started)
+        tally.add(read_table(f, fs=fs, columns=_COLS), run_started)
     n, ok, s = tally.rows, tally.ok, tally.sums
     lat = (pa.concat_arrays(tally.latencies) if tally.latencies
            else pa.array([], pa.float64()))
@@ -172,8 +173,8 @@ def errors_line(s: Summary, rerun: str = "batchrun run JOB.yaml") -> str | None:
             f"`{rerun} --retry-errors` re-sends them")
 
 
-def save_summary(summary: Summary, path: Path) -> None:
-    commit_bytes(path, (json.dumps(summary.model_dump(), indent=2) + "\n").encode())
+def save_summary(summary: Summary, path: Where, *, fs: pafs.FileSystem | None = None) -> None:
+    commit_bytes(path, (json.dumps(summary.model_dump(), indent=2) + "\n").encode(), fs=fs)
 
 
 def _fmt(x: float | None, unit: str = "") -> str:

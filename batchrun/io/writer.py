@@ -1,73 +1,95 @@
-"""Results on disk: checkpoint parts, one final Parquet file per shard, atomically.
+"""Results: checkpoint parts, one final Parquet file per shard, committed without renames.
 
-Layout of the output folder:
+Layout of the output (a local folder, or later a prefix in an object store):
 
     results/shard-000012.parquet      final: exactly one row per input row of the shard
     parts/shard-000012/part-*.parquet checkpoints written while the shard runs
     summary.json                      written by summary.py at the end
 
-Every file is committed by ``storage.commit`` (a temporary name in the same folder,
-fsynced, then renamed), so a reader (or a resumed job) sees a whole file or none. The driver
-is the only writer; workers hand it Arrow tables. A crash loses at most the
-rows not yet flushed to a part; a resume reads parts and finals to skip the
-rows already answered.
+Each file is committed whole by ``storage`` (a reader sees all of it or none). Parts are
+immutable and uniquely named (time first, so names sort oldest first). ``finalize``
+merges a shard's final file and parts into a new final file whose Parquet key-value
+metadata names the parts it merged (``batchrun.merged_parts``), commits it, and only
+then deletes those parts, best effort: a reader or a later merge ignores a part the
+final names, so a crash while deleting can neither double-count a row nor let an old
+part outvote the final. A final written before that metadata existed names none: its
+parts all count, as they always did. No folder is ever renamed (an object store cannot).
+
+The driver is the only writer; workers hand it Arrow tables. A crash loses at most the
+rows not yet flushed to a part; a resume reads parts and finals to skip the rows
+already answered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-import os
-import shutil
+import posixpath
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 
 from batchrun.api.records import RESULT_FIELDS, result_schema
-from batchrun.io.storage import check_writable, commit_table, output_error
+from batchrun.io import storage
+from batchrun.io.storage import Where, join, output_error
 
 log = logging.getLogger("batchrun")
 
 # the schema is the API seam's (api/records.py); re-exported for the store's callers
-__all__ = ["RESULT_FIELDS", "ResultsStore", "result_schema"]
+__all__ = ["MERGED_KEY", "RESULT_FIELDS", "ResultsStore", "merged_parts", "result_schema"]
+
+MERGED_KEY = b"batchrun.merged_parts"  # final file metadata: names of the parts it holds
+
+
+def merged_parts(metadata: dict[bytes, bytes] | None) -> frozenset[str]:
+    """The part names a final file holds, from its key-value metadata (none if older)."""
+    raw = (metadata or {}).get(MERGED_KEY)
+    if raw is None:
+        return frozenset()
+    try:
+        return frozenset(str(n) for n in json.loads(raw))
+    except (ValueError, TypeError):
+        return frozenset()  # unreadable: count every part, as an older final does
+
+
+def _is_part(path: str) -> bool:
+    name = posixpath.basename(path)
+    return name.startswith("part-") and name.endswith(".parquet")
 
 
 class ResultsStore:
-    """The output folder of one job, as seen by the driver."""
+    """The output of one job, as seen by the driver."""
 
-    def __init__(self, output: str | Path, schema: pa.Schema):
-        self.root = Path(output)
+    def __init__(self, output: Where, schema: pa.Schema, *, fs: pafs.FileSystem | None = None):
+        self.fs, self.root = storage.locate(output, fs)
         self.schema = schema
 
-    def final_path(self, shard_name: str) -> Path:
-        return self.root / "results" / f"{shard_name}.parquet"
+    def final_path(self, shard_name: str) -> str:
+        return join(self.root, "results", f"{shard_name}.parquet")
 
-    def _parts_dir(self, shard_name: str) -> Path:
-        return self.root / "parts" / shard_name
+    def _parts_dir(self, shard_name: str) -> str:
+        return join(self.root, "parts", shard_name)
+
+    def _parts(self, shard_name: str) -> list[str]:
+        """The shard's parts on disk, oldest first."""
+        return [p for p in storage.list_files(self._parts_dir(shard_name), fs=self.fs)
+                if _is_part(p)]
 
     def write_part(self, shard_name: str, table: pa.Table) -> None:
         """Checkpoint some finished rows of a running shard."""
         if table.num_rows:
             # time first, so names sort oldest first: the newest result of an id wins
             name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.parquet"
-            commit_table(self._parts_dir(shard_name) / name, table.cast(self.schema))
-
-    def _existing(self, shard_name: str) -> Iterator[Path]:
-        final = self.final_path(shard_name)
-        if final.exists():
-            yield final
-        parts = self._parts_dir(shard_name)
-        if parts.is_dir():
-            yield from sorted(parts.glob("part-*.parquet"))
+            storage.commit_table(join(self._parts_dir(shard_name), name),
+                                 table.cast(self.schema), fs=self.fs)
 
     def check_writable(self) -> None:
         """Fail before any request is sent, not after paying for the first batch."""
-        check_writable(self.root)
+        storage.check_writable(self.root, fs=self.fs)
 
     def _conform(self, table: pa.Table) -> pa.Table:
         """By column name: a file from a run with other optional columns (batch_id,
@@ -76,28 +98,53 @@ class ResultsStore:
                 else pa.nulls(table.num_rows, f.type) for f in self.schema]
         return pa.Table.from_arrays(cols, schema=self.schema)
 
-    def _read(self, path: Path) -> pa.Table | None:
-        """One results file; a corrupt one is moved to quarantine/ and its rows redone.
+    def _read(self, path: str) -> pa.Table | None:
+        """One results file as written (None if absent); a corrupt one is moved to
+        quarantine/ and its rows redone.
 
         Only a file Arrow cannot parse is corrupt; an I/O error (a flaky network disk)
         stops the job instead, so a whole shard is never paid for again by mistake.
         """
         try:
-            return self._conform(pq.read_table(path))
+            return storage.read_table(path, fs=self.fs)
+        except FileNotFoundError:
+            return None
         except pa.ArrowInvalid as e:
-            name = f"{path.parent.name}-{uuid.uuid4().hex[:6]}-{path.name}"
-            dest = self.root / "quarantine" / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, dest)
+            parent, name = posixpath.split(path)
+            dest = join(self.root, "quarantine",
+                        f"{posixpath.basename(parent)}-{uuid.uuid4().hex[:6]}-{name}")
+            try:
+                storage.move(path, dest, fs=self.fs)
+            except OSError as err:
+                raise output_error(path, err, verb="move aside") from None
             log.warning("corrupt results file %s (%s): moved to %s; its rows will be sent again",
                         path, e, dest)
             return None
         except OSError as e:
             raise output_error(path, e, verb="read") from None
 
+    def _gather(self, shard_name: str) -> tuple[list[pa.Table], set[str]]:
+        """The shard's results, oldest first (the final, then the parts it does not
+        hold), and the names of every part on disk whose rows they include."""
+        tables: list[pa.Table] = []
+        merged: frozenset[str] = frozenset()
+        final = self._read(self.final_path(shard_name))
+        if final is not None:
+            merged = merged_parts(final.schema.metadata)
+            tables.append(self._conform(final))
+        held: set[str] = set()
+        for path in self._parts(shard_name):
+            name = posixpath.basename(path)
+            if name in merged:  # a crash stopped its deletion: the final holds its rows
+                held.add(name)
+            elif (t := self._read(path)) is not None:
+                tables.append(self._conform(t))
+                held.add(name)
+        return tables, held
+
     def read_shard(self, shard_name: str) -> pa.Table | None:
         """Every result recorded for the shard, oldest first (duplicates not yet removed)."""
-        tables = [t for p in self._existing(shard_name) if (t := self._read(p)) is not None]
+        tables, _ = self._gather(shard_name)
         return pa.concat_tables(tables) if tables else None
 
     def answered_ids(self, shard_name: str, *, redo_errors: bool) -> set[str]:
@@ -113,45 +160,72 @@ class ResultsStore:
         return set(table["id"].to_pylist())
 
     def finalize(self, shard_name: str) -> int:
-        """Merge parts (and an older final) into one file, the latest result per id wins."""
-        table = self.read_shard(shard_name)
-        if table is None:
-            table = self.schema.empty_table()
+        """Merge parts (and an older final) into one file, the latest result per id wins;
+        the file names the parts it holds, then they are deleted (see the module docs)."""
+        tables, held = self._gather(shard_name)
+        table = pa.concat_tables(tables) if tables else self.schema.empty_table()
         ids = table["id"].to_pylist()
         last = {rid: i for i, rid in enumerate(ids)}  # later rows are newer attempts
         if len(last) != len(ids):
             table = table.take(sorted(last.values()))
-        commit_table(self.final_path(shard_name), table)
-        # one rename retires every part at once: a crash while deleting cannot leave old
-        # parts behind to outvote the final file on the next merge
-        parts = self._parts_dir(shard_name)
-        if parts.is_dir():
-            retired = parts.with_name(f".retired-{shard_name}-{uuid.uuid4().hex[:6]}")
-            os.replace(parts, retired)
-            shutil.rmtree(retired, ignore_errors=True)
+        meta = {**(table.schema.metadata or {}), MERGED_KEY: json.dumps(sorted(held)).encode()}
+        storage.commit_table(self.final_path(shard_name),
+                             table.replace_schema_metadata(meta), fs=self.fs)
+        self._delete_parts(shard_name, held)
         return table.num_rows
 
+    def _delete_parts(self, shard_name: str, names: set[str] | frozenset[str]) -> None:
+        """Best effort: a part left behind is ignored (the final names it), and removed by
+        the next ``finalize`` or ``final_rows``."""
+        folder = self._parts_dir(shard_name)
+        for name in sorted(names):
+            with contextlib.suppress(OSError):
+                storage.delete(join(folder, name), fs=self.fs)
+        storage.remove_empty_dir(folder, fs=self.fs)
+
     def final_rows(self, shard_name: str) -> int | None:
-        """Rows of the shard's final file, if it is whole and no parts wait to be merged."""
+        """Rows of the shard's final file, if it is whole and no parts wait to be merged.
+        Parts it already holds (a crash stopped their deletion) are deleted now."""
         path = self.final_path(shard_name)
-        if not path.exists() or self._parts_dir(shard_name).is_dir():
-            return None
         try:
-            return int(pq.read_metadata(path).num_rows)
+            meta = storage.read_footer(path, fs=self.fs)
+        except FileNotFoundError:
+            return None
         except pa.ArrowInvalid:
             self._read(path)  # quarantines it
             return None
+        except OSError as e:
+            raise output_error(path, e, verb="read") from None
+        merged = merged_parts(meta.metadata)
+        names = {posixpath.basename(p) for p in self._parts(shard_name)}
+        if names - merged:
+            return None
+        if names:
+            self._delete_parts(shard_name, names)
+        return int(meta.num_rows)
 
     def spent_usd(self) -> float:
-        """What the rows already on disk cost (finals and parts), for the budget of a resume."""
-        files = list((self.root / "results").glob("shard-*.parquet"))
-        files += list((self.root / "parts").glob("shard-*/part-*.parquet"))
-        total = 0.0
-        for f in files:
+        """What the rows already stored cost (finals and the parts they do not hold), for
+        the budget of a resume."""
+        total, merged = 0.0, {}
+        for f in self.result_files():
             with contextlib.suppress(pa.ArrowInvalid, OSError, KeyError):
-                col = pq.read_table(f, columns=["cost_usd"])["cost_usd"]
+                t = storage.read_table(f, fs=self.fs, columns=["cost_usd"])
+                merged[posixpath.basename(f)[:-len(".parquet")]] = merged_parts(
+                    t.schema.metadata)
+                total += float(pc.sum(t["cost_usd"]).as_py() or 0.0)
+        parts = storage.list_files(join(self.root, "parts"), fs=self.fs, recursive=True)
+        for p in parts:
+            shard = posixpath.basename(posixpath.dirname(p))
+            if (not shard.startswith("shard-") or not _is_part(p)
+                    or posixpath.basename(p) in merged.get(shard, ())):
+                continue
+            with contextlib.suppress(pa.ArrowInvalid, OSError, KeyError):
+                col = storage.read_table(p, fs=self.fs, columns=["cost_usd"])["cost_usd"]
                 total += float(pc.sum(col).as_py() or 0.0)
         return total
 
-    def result_files(self) -> list[Path]:
-        return sorted((self.root / "results").glob("shard-*.parquet"))
+    def result_files(self) -> list[str]:
+        """The final files, the only files a reader of the results needs."""
+        return [f for f in storage.list_files(join(self.root, "results"), fs=self.fs)
+                if posixpath.basename(f).startswith("shard-") and f.endswith(".parquet")]

@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 
 from batchrun.errors import ClusterError, OutputError
-from batchrun.io.storage import commit_bytes
+from batchrun.io.storage import commit_bytes, join, read_bytes
 from batchrun.online.lifeline import process_alive, start_time
 
 __all__ = ["RECORD", "NoClusterError", "local_cluster", "record_cluster", "recorded_cluster"]
@@ -45,7 +45,7 @@ def record_cluster(output: str | Path, *, started: bool) -> None:
             "pid_started": start_time(), "host": socket.gethostname(),
             "started_by_driver": started}
     with contextlib.suppress(OutputError):  # status then finds the cluster itself
-        commit_bytes(Path(output) / RECORD, json.dumps(data).encode())
+        commit_bytes(join(os.fspath(output), RECORD), json.dumps(data).encode())
 
 
 def recorded_cluster(output: str | Path) -> str | None:
@@ -54,7 +54,7 @@ def recorded_cluster(output: str | Path) -> str | None:
     ``NoClusterError`` when that driver started a local Ray and has ended (its Ray went
     with it): the job is not running, whatever other clusters run here."""
     try:
-        data = json.loads((Path(output) / RECORD).read_text())
+        data = json.loads(read_bytes(join(os.fspath(output), RECORD)))
         address, pid, host = str(data["address"]), int(data["pid"]), data["host"]
         started = float(data["pid_started"])  # an older record has none: read as no record
     except (OSError, ValueError, KeyError, TypeError):

@@ -102,25 +102,18 @@ def _job_status(sid: str, address: str | None) -> None:
 
 def disk_progress(spec: JobSpec) -> dict[str, Any]:
     """Rows in the input (Parquet footers) and rows with a result in the output folder."""
-    import pyarrow.parquet as pq
-
     from batchrun.errors import InputDataError
     from batchrun.io.shards import plan_shards
+    from batchrun.io.storage import exists, join
+    from batchrun.io.writer import ResultsStore, result_schema
 
     try:
         total: int | None = sum(s.num_rows for s in plan_shards(spec))
     except InputDataError:  # the input is not visible from here
         total = None
-    root = Path(spec.output)
-    final = sorted((root / "results").glob("shard-*.parquet"))
-    done = sum(pq.ParquetFile(f).metadata.num_rows for f in final)
-    for parts in sorted((root / "parts").glob("shard-*")):
-        # parts of a running shard may hold retried ids twice: count distinct ids
-        ids: set[str] = set()
-        for f in parts.glob("part-*.parquet"):
-            ids.update(pq.read_table(f, columns=["id"])["id"].to_pylist())
-        done += len(ids)
-    return {"total": total, "on_disk": done, "summary": (root / "summary.json").is_file()}
+    store = ResultsStore(spec.output, result_schema())  # parts a final holds count once
+    return {"total": total, "on_disk": store.rows_on_disk(),
+            "summary": exists(join(store.root, "summary.json"), fs=store.fs)}
 
 
 def _token_mode() -> None:

@@ -32,6 +32,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from batchrun.api.records import RESULT_FIELDS, result_schema
 from batchrun.io import storage
@@ -204,26 +205,49 @@ class ResultsStore:
             self._delete_parts(shard_name, names)
         return int(meta.num_rows)
 
+    def _finals(self) -> dict[str, pq.FileMetaData]:
+        """Footers of the final files that can be read, by shard name."""
+        out = {}
+        for f in self.result_files():
+            with contextlib.suppress(pa.ArrowInvalid, OSError):  # quarantined on resume
+                out[posixpath.basename(f)[:-len(".parquet")]] = storage.read_footer(
+                    f, fs=self.fs)
+        return out
+
+    def _unmerged(self, finals: dict[str, pq.FileMetaData]) -> list[tuple[str, str]]:
+        """(shard name, path) of every part that no final file holds."""
+        found = []
+        for p in storage.list_files(join(self.root, "parts"), fs=self.fs, recursive=True):
+            shard = posixpath.basename(posixpath.dirname(p))
+            if not shard.startswith("shard-") or not _is_part(p):
+                continue  # a temporary name, or a folder an older batchrun retired
+            meta = finals.get(shard)
+            if meta is None or posixpath.basename(p) not in merged_parts(meta.metadata):
+                found.append((shard, p))
+        return found
+
     def spent_usd(self) -> float:
         """What the rows already stored cost (finals and the parts they do not hold), for
         the budget of a resume."""
-        total, merged = 0.0, {}
-        for f in self.result_files():
+        finals = self._finals()
+        total = 0.0
+        paths = [self.final_path(s) for s in finals] + [p for _, p in self._unmerged(finals)]
+        for f in paths:
             with contextlib.suppress(pa.ArrowInvalid, OSError, KeyError):
-                t = storage.read_table(f, fs=self.fs, columns=["cost_usd"])
-                merged[posixpath.basename(f)[:-len(".parquet")]] = merged_parts(
-                    t.schema.metadata)
-                total += float(pc.sum(t["cost_usd"]).as_py() or 0.0)
-        parts = storage.list_files(join(self.root, "parts"), fs=self.fs, recursive=True)
-        for p in parts:
-            shard = posixpath.basename(posixpath.dirname(p))
-            if (not shard.startswith("shard-") or not _is_part(p)
-                    or posixpath.basename(p) in merged.get(shard, ())):
-                continue
-            with contextlib.suppress(pa.ArrowInvalid, OSError, KeyError):
-                col = storage.read_table(p, fs=self.fs, columns=["cost_usd"])["cost_usd"]
+                col = storage.read_table(f, fs=self.fs, columns=["cost_usd"])["cost_usd"]
                 total += float(pc.sum(col).as_py() or 0.0)
         return total
+
+    def rows_on_disk(self) -> int:
+        """Rows with a result, for ``status``: the final files' rows, plus the distinct
+        ids of each shard's parts not merged yet (a retried id may be in two parts)."""
+        finals = self._finals()
+        ids: dict[str, set[str]] = {}
+        for shard, p in self._unmerged(finals):
+            with contextlib.suppress(FileNotFoundError):  # merged and deleted meanwhile
+                t = storage.read_table(p, fs=self.fs, columns=["id"])
+                ids.setdefault(shard, set()).update(t["id"].to_pylist())
+        return sum(m.num_rows for m in finals.values()) + sum(len(s) for s in ids.values())
 
     def result_files(self) -> list[str]:
         """The final files, the only files a reader of the results needs."""

@@ -1,7 +1,8 @@
 """io/writer: a shard is committed without renaming a folder. The final file names the
 parts it merged, so ``kill -9`` at any point of ``finalize`` (before the final is
 committed, after it, in the middle of deleting parts) leaves a store that resumes with
-every row exactly once and nothing counted twice, results and spent_usd alike."""
+every row exactly once and nothing counted twice: results, spent_usd and the rows
+``status`` counts alike."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchrun.cli.ops import disk_progress
 from batchrun.io.writer import MERGED_KEY, ResultsStore, merged_parts, result_schema
+from batchrun.spec import load_spec
+from tests.conftest import make_prompts, write_spec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,6 +91,7 @@ def _assert_once(store: ResultsStore, spent: float, *, committed: bool) -> None:
         assert sorted(set(ids)) == every and len(ids) == len(every) + 2
     assert store.spent_usd() == pytest.approx(spent)
     assert store.answered_ids(SHARD, redo_errors=True) == set(ids)
+    assert store.rows_on_disk() == len(every)  # what `status` shows
 
 
 @pytest.mark.parametrize(("when", "parts_left"), [("before-commit", 6), ("after-commit", 6),
@@ -164,3 +169,12 @@ def test_parts_are_unique_immutable_files_and_finals_the_only_results(tmp_path: 
     store.finalize(SHARD)
     assert [os.path.basename(f) for f in store.result_files()] == [f"{SHARD}.parquet"]
     assert sorted(p.name for p in out.rglob("*")) == ["parts", "results", f"{SHARD}.parquet"]
+
+
+def test_status_counts_the_rows_of_a_crashed_finalize_once(tmp_path: Path) -> None:
+    make_prompts(tmp_path / "in.parquet", 40)
+    spec = load_spec(write_spec(tmp_path))
+    out = Path(spec.output)
+    _checkpointed(out)
+    _finalize_killed(out, "after-commit")
+    assert disk_progress(spec) == {"total": 40, "on_disk": 20, "summary": False}

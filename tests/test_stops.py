@@ -100,14 +100,15 @@ def test_a_halt_survives_a_limiter_restart(tmp_path: Path) -> None:
         assert ray.get(limiter.halted.remote(), timeout=30) == d.halted
         ray.kill(limiter, no_restart=False)  # Ray restarts it: its memory is gone
         deadline = time.monotonic() + 60
-        while True:
+        while True:  # a call right after ray.kill may still reach the old instance
             try:
                 stats = ray.get(limiter.stats.remote(), timeout=30)
-                break
+                if stats["restarted"]:
+                    break
             except ray.exceptions.RayActorError:
-                assert time.monotonic() < deadline, "the limiter did not come back"
-                time.sleep(0.2)
-        assert stats["restarted"] is True
+                pass
+            assert time.monotonic() < deadline, "the limiter did not come back"
+            time.sleep(0.2)
         assert stats["halted"] == d.halted  # learnt again from the worker
         answer = ray.get(limiter.lease.remote([1.0, 1.0]), timeout=30)
         assert answer.exhausted and not answer.starts  # and no lease for anyone

@@ -25,9 +25,9 @@ from click.testing import Result
 from conftest import make_prompts, write_spec
 from typer.testing import CliRunner
 
-from batchrun.batch.gate import row_worst_usd
 from batchrun.cli import app
 from batchrun.io.shards import iter_shard_rows, plan_shards
+from batchrun.money.gate import row_worst_usd
 from batchrun.money.pricing import price_for
 from batchrun.sim import MockConfig, RunningServer, prompt_key, start_in_thread
 from batchrun.sim.batches import BATCHES

@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
-from batchrun.batch.gate import ChunkBudget, row_worst_usd
 from batchrun.batch.plan import Planner
 from batchrun.batch.provider import TERMINAL, BatchProvider, NoBatchApi
 from batchrun.batch.state import (
@@ -54,7 +53,7 @@ from batchrun.io.shards import (
     record_plan,
 )
 from batchrun.io.writer import ResultsStore, result_schema
-from batchrun.money.budget import DailyLedger
+from batchrun.money.gate import Gate, config_for, row_worst_usd
 from batchrun.money.pricing import ModelPrice, price_for, worst_case_usd
 from batchrun.spec import JobSpec, resolve_api_key
 
@@ -97,15 +96,13 @@ class _Driver:
         self.planner = Planner(spec, self.shards, store, self.state, self.sf.dir,
                                extra_body=extra_body, worst=self._worst, save=self.save)
         self.gate = self.new_gate()
+        self.gate.charge_crashed_run()  # what a crashed run of either mode left reserved
 
-    def new_gate(self) -> ChunkBudget:
+    def new_gate(self) -> Gate:
         """The budget left: the cap less what is on disk and what open batches may cost."""
         committed = self.store.spent_usd() + sum(
             c.worst_usd for c in self.state.chunks if c.step in ("created", "completed"))
-        b = self.spec.budget
-        ledger = (DailyLedger(b.ledger_dir, b.timezone, b.daily_usd)
-                  if b.daily_usd is not None and b.ledger_dir else None)
-        return ChunkBudget(b.max_cost_usd, committed, ledger, f"{self.spec.name}:batch")
+        return Gate.open(config_for(self.spec, committed))
 
     def save(self) -> None:
         self.sf.save(self.state)
@@ -214,7 +211,7 @@ class _Driver:
         res = collect_chunk(self.spec, c, self.shards, lines, c.batch_status or "completed",
                             price=self.price, check=self.check,
                             can_retry=online or c.attempt < self.spec.retry.max_attempts)
-        self.gate.settle(c.seq, res.paid_usd)  # refused answers were billed too
+        self.gate.settle_chunk(c.seq, res.paid_usd)  # refused answers were billed too
         for sidx, records in res.records.items():
             if records:
                 table = pa.Table.from_pylist(records, schema=self.store.schema)
@@ -331,7 +328,10 @@ def run_batch_job(spec: JobSpec, *, wait: bool = True, retry_errors: bool = Fals
             d = _Driver(spec, shards, store, p, price=price, check=check,
                         extra_body=extra_body, initial_poll_s=initial_poll_s,
                         tag=batch_tag(fp, spec.output))
-            return await _run(d, fingerprint_sha(fp), wait, retry_errors)
+            try:
+                return await _run(d, fingerprint_sha(fp), wait, retry_errors)
+            finally:  # settled chunks written; created ones stay reserved until collected
+                d.gate.close()
 
     try:
         return asyncio.run(main())

@@ -1,25 +1,27 @@
-"""The global rate-limiter actor: a thin Ray shell around ``ratelimit.SlotScheduler``.
+"""The global rate-limiter actor: a thin Ray shell around ``ratelimit.SlotScheduler``
+and, with a budget, the job's ``money.gate.Gate``.
 
 One per job, named ``batchrun:<job>:rate-limiter``. It takes no CPU, answers a
-lease in microseconds, and is restarted by Ray if it dies. A restarted limiter
-has lost its log of recent grants, so it starts with every window full: the
-limit still holds, at the price of one window's pause (see ``block_all``). It asks
-the workers for their recent sends, and for the halt, if the job was stopping.
+lease in microseconds, and is restarted by Ray if it dies. A lease does no file I/O:
+the gate reserves from daily allowance drawn ahead, and a thread of the gate's own
+writes the ledger (a lease waits only when that allowance is used up, until the next
+draw comes back). A restarted limiter has lost its log of recent grants, so it starts
+with every window full: the limit still holds, at the price of one window's pause (see
+``block_all``). It asks the workers for their recent sends, and for the halt, if the
+job was stopping.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from batchrun.limits.permits import LeaseAnswer
 from batchrun.limits.ratelimit import SlotScheduler, windows_for
-from batchrun.money.budget import DailyLedger
-from batchrun.money.spending import Spending
+from batchrun.money.gate import BLOCK_USD, BudgetConfig, Gate
 
 __all__ = ["BudgetConfig", "RateLimiter", "limiter_name"]
 
@@ -29,31 +31,6 @@ SLOT_VALIDITY_S = 0.05
 
 def limiter_name(job: str) -> str:
     return f"batchrun:{job}:rate-limiter"
-
-
-@dataclass(frozen=True)
-class BudgetConfig:
-    """What the limiter's spending gate needs (plain data: it is an actor argument)."""
-
-    job_cap_usd: float | None
-    daily_usd: float | None = None
-    ledger_dir: str | None = None
-    timezone: str = "UTC"
-    job_id: str = ""
-
-
-def _spending(cfg: BudgetConfig | None) -> Spending | None:
-    if cfg is None or (cfg.job_cap_usd is None and cfg.daily_usd is None):
-        return None
-    ledger = None
-    if cfg.daily_usd is not None and cfg.ledger_dir:
-        ledger = DailyLedger(cfg.ledger_dir, cfg.timezone, cfg.daily_usd)
-    return Spending(cfg.job_cap_usd, ledger, cfg.job_id)
-
-
-def _charge_crashed_run(cfg: BudgetConfig | None) -> None:
-    if cfg is not None and cfg.daily_usd is not None and cfg.ledger_dir:
-        DailyLedger(cfg.ledger_dir, cfg.timezone, cfg.daily_usd).charge_stale(cfg.job_id)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -71,11 +48,12 @@ class RateLimiter:
             self._recover(job)
         # A restarted limiter has lost its reservations: it refuses all spending
         # (the run stops as budget-exhausted; a rerun recomputes from the results).
-        if not self.restarted:
-            _charge_crashed_run(budget)
-        self._spending = _spending(budget)
-        if self.restarted and self._spending is not None:
-            self._spending.exhausted = True
+        self._gate: Gate | None = None
+        if budget is not None:
+            self._gate = Gate.open(budget, block_usd=BLOCK_USD, restarted=self.restarted)
+            if not self.restarted:
+                self._gate.charge_crashed_run()
+                self._gate.start()
         self._leases = 0
 
     def _recover(self, job: str) -> None:
@@ -110,24 +88,21 @@ class RateLimiter:
         (see ``SlotScheduler.spare``); never with a budget, which must reserve first.
         """
         self._leases += 1
-        sp = self._spending
-        if sp is not None:
+        gate = self._gate
+        if gate is not None:
             for reserved, actual in settle or ():
-                sp.settle(reserved, actual)
+                gate.settle(reserved, actual)
         if self._halted is not None:  # the job is stopping: no more slots for anyone
-            if sp is not None:
-                sp.flush()
             return LeaseAnswer(time.monotonic(), [], None, 0.0, exhausted=True)
         n = len(costs)
-        if sp is not None and usd is not None:
-            n = next((i for i, u in enumerate(usd) if not sp.try_reserve(u)), n)
+        if gate is not None and usd is not None:
+            n = gate.reserve_prefix(usd)
         g = self._sched.grant(costs[:n])
-        if sp is not None and usd is not None:
+        if gate is not None and usd is not None:
             for i in range(n):  # reservations of requests that got no slot this time
                 if i >= len(g.starts) or g.starts[i] is None:
-                    sp.release(usd[i])
-            sp.flush()
-        exhausted = sp is not None and sp.exhausted and len(g.starts) == n
+                    gate.release(usd[i])
+        exhausted = gate is not None and gate.exhausted and len(g.starts) == n
         spares: list[float] = []
         if spare[0] > 0 and usd is None and g.retry_at is None and len(g.starts) == n:
             spares = self._sched.spare(spare[1], spare[0])
@@ -144,21 +119,23 @@ class RateLimiter:
         return self._halted
 
     def exhausted(self) -> bool:
-        return self._spending is not None and self._spending.exhausted
+        return self._gate is not None and self._gate.exhausted
 
     def close(self) -> dict[str, Any]:
-        """Hand unused daily allowance back; returns the final figures."""
-        if self._spending is not None:
-            self._spending.close()
+        """Write what was settled and hand unused daily allowance back (every request has
+        come back by now); returns the final figures."""
+        if self._gate is not None:
+            self._gate.close(release_all=True)
         return self.stats()
 
     def pause(self, seconds: float) -> None:
         self._sched.pause_until(time.monotonic() + seconds)
 
     def stats(self) -> dict[str, Any]:
-        sp = self._spending
+        gate = self._gate
         return {"granted": self._sched.granted, "leases": self._leases,
                 "restarted": self.restarted, "halted": self._halted,
-                "spent_usd": sp.book.spent if sp else None,
-                "reserved_usd": sp.book.reserved if sp else None,
-                "budget_exhausted": bool(sp and sp.exhausted)}
+                "spent_usd": gate.book.spent if gate else None,
+                "reserved_usd": gate.book.reserved if gate else None,
+                "budget_exhausted": bool(gate and gate.exhausted),
+                "ledger_draws": gate.draws if gate else None}

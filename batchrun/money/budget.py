@@ -28,11 +28,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from batchrun.errors import SpecError
 
-__all__ = ["DEFAULT_MARGIN", "BudgetBook", "DailyLedger"]
+__all__ = ["DEFAULT_MARGIN", "NANO", "BudgetBook", "DailyLedger", "nano_usd"]
 
 DEFAULT_MARGIN = 0.02  # suggested prompt-estimate margin for non-OpenAI tokenizers
 _PICO = 10**12
-_NANO = 10**9
+_NANO = NANO = 10**9  # the ledger's unit: nano-USD per USD
 _UTC = UTC
 
 
@@ -50,6 +50,11 @@ def _units(usd: float, unit: int, *, up: bool = True) -> int:
     if abs(scaled - near) <= 4 * math.ulp(scaled):
         return near
     return math.ceil(scaled) if up else math.floor(scaled)
+
+
+def nano_usd(usd: float) -> int:
+    """USD in the ledger's integer unit (nano-USD), rounded up: what a gate holds."""
+    return _units(usd, _NANO)
 
 
 class BudgetBook:
@@ -86,6 +91,13 @@ class BudgetBook:
             if act > res:
                 self._overrun += act - res
                 self._overruns += 1
+
+    def record(self, actual_usd: float) -> None:
+        """Spend that was reserved elsewhere (by a limiter's first life, before it was
+        restarted): counted, with no reservation to release."""
+        act = _units(actual_usd, _PICO)
+        with self._lock:
+            self._spent += act
 
     def release(self, reserved_usd: float) -> None:
         """A request was not sent, or failed without being billed."""

@@ -4,9 +4,7 @@ and the dispatch itself, under a progress bar."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -22,13 +20,13 @@ from rich.progress import (
 
 from batchrun.io.shards import Shard
 from batchrun.io.writer import ResultsStore
-from batchrun.limits.limiter import BudgetConfig
+from batchrun.money.gate import BudgetConfig, config_for
 from batchrun.online.breaker import ErrorRate
 from batchrun.online.dispatch import Dispatcher, ShardPlan
 from batchrun.online.metrics import JobMetrics
 from batchrun.spec import JobSpec
 
-__all__ = ["budget_config", "dispatch", "ledger_id", "plans_left"]
+__all__ = ["budget_config", "dispatch", "plans_left"]
 
 
 def plans_left(spec: JobSpec, shards: list[Shard], store: ResultsStore,
@@ -50,17 +48,8 @@ def plans_left(spec: JobSpec, shards: list[Shard], store: ResultsStore,
 
 def budget_config(spec: JobSpec, store: ResultsStore) -> BudgetConfig | None:
     """This run's spending gate: the job cap minus what earlier runs already spent."""
-    b = spec.budget
-    if b.max_cost_usd is None and b.daily_usd is None:
-        return None
-    cap = None if b.max_cost_usd is None else max(0.0, b.max_cost_usd - store.spent_usd())
-    return BudgetConfig(job_cap_usd=cap, daily_usd=b.daily_usd, ledger_dir=b.ledger_dir,
-                        timezone=b.timezone, job_id=ledger_id(spec))
-
-
-def ledger_id(spec: JobSpec) -> str:
-    """Stable across runs of the same job, so a rerun can charge what a crash left."""
-    return f"{spec.name}@{hashlib.sha1(str(Path(spec.output).resolve()).encode()).hexdigest()[:8]}"
+    spent = store.spent_usd() if spec.budget.max_cost_usd is not None else 0.0
+    return config_for(spec, spent)
 
 
 def _progress(enabled: bool) -> Progress:

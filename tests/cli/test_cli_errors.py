@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import make_prompts, write_spec
-from tests.test_bad_input import assert_clean_error, run_cli
+from tests.cli.test_bad_input import assert_clean_error, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"
 
 

@@ -26,7 +26,7 @@ from batchrun.spec import JobSpec, load_spec
 
 KEY_ENV = "BATCHRUN_TEST_RETRY_KEY"
 KEY = "sk-retry-secret-789"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N = 90
 # backoff alone would come back within 0.5 s; a Retry-After of 2 s must win
 RETRY = {"max_attempts": 6, "backoff_base_s": 0.05, "backoff_cap_s": 0.5}

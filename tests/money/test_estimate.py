@@ -26,7 +26,7 @@ from batchrun.money.estimate import (
 from batchrun.money.pricing import load_price_table
 from batchrun.spec import JobSpec
 
-CORPUS = Path(__file__).parent / "data" / "token_corpus.jsonl"
+CORPUS = Path(__file__).parents[1] / "data" / "token_corpus.jsonl"
 _URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 
 

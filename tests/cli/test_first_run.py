@@ -21,7 +21,7 @@ from batchrun.runner import RunOptions, _prepare, run_job
 from batchrun.sim import MockConfig, start_subprocess
 from tests.conftest import make_prompts, write_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BATCHRUN = str(Path(sys.executable).with_name("batchrun"))
 
 

@@ -293,7 +293,7 @@ def test_batch_killed_while_creating_refuses_online_then_batch_adopts(
     spec = _job(tmp_path, server.base_url)
     store = server.app[BATCHES]
     store.create_answer_delay_s = 60.0  # the batch exists; its answer is held back
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen([sys.executable, "-c", _CLI, "run", str(spec), "--mode", "batch",
                              "--no-progress"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

@@ -33,7 +33,7 @@ from batchrun.spec import JobSpec, load_spec
 
 KEY_ENV = "BATCHRUN_TEST_BATCH_KEY"
 KEY = "sk-batch-secret-123"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import make_prompts, write_spec
 from tests.cli.test_bad_input import assert_clean_error, run_cli
+from tests.conftest import make_prompts, write_spec
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,11 @@ from typing import Any
 from batchrun.errors import RetryableError
 from batchrun.spec import RetrySpec
 
-__all__ = ["backoff_s", "pause_s", "retry_after_s"]
+__all__ = ["MAX_RETRY_AFTER_S", "backoff_s", "pause_s", "retry_after_s"]
+
+# A Retry-After longer than this is cut to it, online and in batch mode: a proxy asking
+# for a day would otherwise park the job silently; retrying sooner costs a refused call.
+MAX_RETRY_AFTER_S = 600.0
 
 
 def backoff_s(attempt: int, policy: RetrySpec, rng: random.Random) -> float:

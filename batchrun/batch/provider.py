@@ -35,7 +35,7 @@ import aiohttp
 from batchrun.api.chat import ChatKind
 from batchrun.api.openai import OpenAIProvider
 from batchrun.api.protocols import Provider, RequestKind
-from batchrun.api.retry import pause_s, retry_after_s
+from batchrun.api.retry import MAX_RETRY_AFTER_S, pause_s, retry_after_s
 from batchrun.api.secrets import redact
 from batchrun.errors import (
     JobCannotSucceed,
@@ -45,14 +45,11 @@ from batchrun.errors import (
 from batchrun.io.storage import output_error
 from batchrun.spec import EndpointSpec, RetrySpec
 
-__all__ = ["LONG_WAIT_S", "MAX_RETRY_AFTER_S", "TERMINAL", "BatchProvider", "NoBatchApi",
+__all__ = ["LONG_WAIT_S", "TERMINAL", "BatchProvider", "NoBatchApi",
            "gave_up"]
 
 T = TypeVar("T")
 log = logging.getLogger("batchrun")
-# A Retry-After longer than this is cut to it: a proxy asking for a day would otherwise
-# park the job silently; retrying sooner costs at most another refused call.
-MAX_RETRY_AFTER_S = 600.0
 LONG_WAIT_S = 30.0  # waits longer than this are logged (WARNING), naming the call
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})

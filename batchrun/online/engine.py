@@ -25,7 +25,7 @@ from typing import Any
 from batchrun.api.client import ApiClient
 from batchrun.api.protocols import Completion
 from batchrun.api.registry import kind_for
-from batchrun.api.retry import backoff_s
+from batchrun.api.retry import MAX_RETRY_AFTER_S, backoff_s
 from batchrun.api.structured import Structured
 from batchrun.errors import (
     BudgetExhausted,
@@ -273,7 +273,7 @@ class RowRunner:
             return ARMED_RETRY_S  # the breaker is deciding: see ARMED_RETRY_S
         delay = backoff_s(attempt, self._spec.retry, self._rng)
         if isinstance(e, RateLimited):
-            pause = e.retry_after if e.retry_after is not None else delay
+            pause = min(e.retry_after, MAX_RETRY_AFTER_S) if e.retry_after is not None else delay
             self._pause_all(pause)  # every worker holds its sends, not only this one
             delay = max(delay, pause)
         return delay

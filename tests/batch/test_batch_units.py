@@ -19,10 +19,10 @@ from conftest import make_prompts, write_spec
 from typer.testing import CliRunner
 
 from batchrun.api.protocols import Completion
-from batchrun.api.retry import pause_s
+from batchrun.api.retry import MAX_RETRY_AFTER_S, pause_s
 from batchrun.batch import run_batch_job
 from batchrun.batch.collect import collect_chunk
-from batchrun.batch.provider import LONG_WAIT_S, MAX_RETRY_AFTER_S, BatchProvider
+from batchrun.batch.provider import LONG_WAIT_S, BatchProvider
 from batchrun.batch.requests import custom_id
 from batchrun.batch.state import BatchJobState, ChunkState, StateFile
 from batchrun.cli import app

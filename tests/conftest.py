@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +74,42 @@ def write_spec(folder: Path, **overrides: Any) -> Path:
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+class _Stub(BaseHTTPRequestHandler):
+    """Answers every GET and POST with one status and an OpenAI-shaped error body."""
+
+    status = 404
+    message: Callable[[str], str] = staticmethod(lambda auth: "Not Found")  # type: ignore[assignment]
+    calls: list[str]
+
+    def _answer(self) -> None:
+        self.calls.append(self.command)
+        auth = self.headers.get("Authorization", "")
+        body = json.dumps({"error": {"message": self.message(auth)}}).encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def error_server(status: int, message: Callable[[str], str] = lambda auth: "Not Found"
+                 ) -> Iterator[tuple[str, list[str]]]:
+    """A loopback provider that refuses every call with ``status`` (``message(auth)`` as
+    its error text); yields its base URL and the methods of the calls it received."""
+    calls: list[str] = []
+    handler = type("Stub", (_Stub,), {"status": status, "message": staticmethod(message),
+                                      "calls": calls})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/v1", calls
+    finally:
+        srv.shutdown()

@@ -7,11 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from batchrun.io.writer import ResultsStore
 from batchrun.sim import MockConfig, RunningServer, answer_for, start_in_thread
 from batchrun.sim.batches import BATCHES
 from batchrun.spec import JobSpec, load_spec
+from tests.conftest import error_server
 
 KEY_ENV = "BATCHRUN_TEST_BATCH_KEY"
 KEY = "sk-batch-secret-123"
@@ -133,37 +132,16 @@ def test_stop_cancels_and_rerun_resends(tmp_path: Path) -> None:
     assert stats["ok"] == 90 and stats["duplicate_ok_prompts"] == 0
 
 
-class _NotFound(BaseHTTPRequestHandler):
-    posts = 0  # uploads attempted: none should be, the GET probe finds the 404 first
-
-    def do_POST(self) -> None:
-        _NotFound.posts += 1
-        self._answer()
-
-    def _answer(self) -> None:
-        body = b'{"error": {"message": "Not Found"}}'
-        self.send_response(404)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = _answer
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def no_batch_api() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+def no_batch_api() -> Iterator[tuple[str, list[str]]]:
+    with error_server(404) as stub:
+        yield stub
 
 
-def test_endpoint_without_batch_api(tmp_path: Path, no_batch_api: str) -> None:
-    spec = _spec(tmp_path, no_batch_api)
+def test_endpoint_without_batch_api(tmp_path: Path,
+                                    no_batch_api: tuple[str, list[str]]) -> None:
+    url, calls = no_batch_api
+    spec = _spec(tmp_path, url)
     with pytest.raises(UserError) as e:
         run_batch_job(spec, wait=True, initial_poll_s=0.05)
     msg = str(e.value)
@@ -171,8 +149,8 @@ def test_endpoint_without_batch_api(tmp_path: Path, no_batch_api: str) -> None:
     assert "fallback: online" in msg and KEY not in msg
     chunks = sorted((Path(spec.output) / "batch").glob("chunk-*.jsonl"))
     assert len(chunks) == 3 and _results(spec) == []  # nothing lost: rerun can go on
-    assert _NotFound.posts == 0  # found by the probe, before uploading anything
-    spec2 = _spec(tmp_path / "fb", no_batch_api, fallback="online")
+    assert "POST" not in calls  # found by the probe, before uploading anything
+    spec2 = _spec(tmp_path / "fb", url, fallback="online")
     assert run_batch_job(spec2, wait=True).fallback_rows == 90
 
 

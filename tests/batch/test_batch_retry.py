@@ -3,16 +3,12 @@ batch path stops is a documented exit code (7 when the provider keeps refusing).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -23,6 +19,7 @@ from batchrun.errors import JobCannotSucceed, ResumeRefused
 from batchrun.sim import MockConfig, start_in_thread
 from batchrun.sim.batches import BATCHES
 from batchrun.spec import JobSpec, load_spec
+from tests.conftest import error_server
 
 KEY_ENV = "BATCHRUN_TEST_RETRY_KEY"
 KEY = "sk-retry-secret-789"
@@ -106,30 +103,11 @@ def test_provider_that_keeps_refusing_exits_7_and_a_rerun_continues(tmp_path: Pa
     assert stats["by_outcome"]["batch_created"] == 3  # the same three batches, collected
 
 
-class _BadRequest(BaseHTTPRequestHandler):
-    """A provider that refuses every call for good (400), echoing the key it was sent."""
-
-    def do_GET(self) -> None:
-        auth = self.headers.get("Authorization", "")
-        body = json.dumps({"error": {"message": f"bad request from {auth}"}}).encode()
-        self.send_response(400)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_GET
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def bad_request() -> Iterator[str]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _BadRequest)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
+    """A provider that refuses every call for good (400), echoing the key it was sent."""
+    with error_server(400, lambda auth: f"bad request from {auth}") as (url, _):
+        yield url
 
 
 def test_other_batch_failures_exit_with_documented_codes(tmp_path: Path,

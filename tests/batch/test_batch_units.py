@@ -4,13 +4,10 @@ state file's commit."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,7 @@ from batchrun.io.shards import plan_shards
 from batchrun.io.summary import exit_code, summarize
 from batchrun.money.pricing import cost_usd, price_for
 from batchrun.spec import JobSpec, load_spec
+from tests.conftest import error_server
 
 KEY_ENV = "BATCHRUN_TEST_UNITS_KEY"
 KEY = "sk-units-secret-0f0f"
@@ -127,33 +125,12 @@ def test_refused_answer_keeps_response_tokens_and_batch_cost(tmp_path: Path) -> 
 # -- 9(e): a refused key stops a batch job like an online one (exit 7) -------------------
 
 
-class _Refuses(BaseHTTPRequestHandler):
-    """Answers every call with ``status``, echoing the key it was sent (as some proxies do)."""
-
-    status = 401
-
-    def do_GET(self) -> None:
-        key = self.headers.get("Authorization", "").removeprefix("Bearer ")
-        body = json.dumps({"error": {"message": f"Incorrect API key provided: {key}"}}).encode()
-        self.send_response(self.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_GET
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(params=[401, 403])
 def refuses(request: pytest.FixtureRequest) -> Iterator[str]:
-    handler = type("Refuses", (_Refuses,), {"status": request.param})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
+    """Answers every call with 401/403, echoing the key it was sent (as some proxies do)."""
+    echo = lambda auth: f"Incorrect API key provided: {auth.removeprefix('Bearer ')}"  # noqa: E731
+    with error_server(request.param, echo) as (url, _):
+        yield url
 
 
 def test_refused_key_stops_with_7_naming_status_message_and_url(tmp_path: Path,

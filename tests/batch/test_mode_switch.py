@@ -12,10 +12,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from batchrun.money.pricing import price_for
 from batchrun.sim import MockConfig, RunningServer, prompt_key, start_in_thread
 from batchrun.sim.batches import BATCHES
 from batchrun.spec import load_spec
+from tests.conftest import error_server
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(240)]
 
@@ -51,29 +50,11 @@ def server() -> Iterator[RunningServer]:
         yield srv
 
 
-class _NotFound(BaseHTTPRequestHandler):
-    """An endpoint without a Batch API (a plain OpenAI-compatible server)."""
-
-    def do_GET(self) -> None:
-        body = b'{"error": {"message": "Not Found"}}'
-        self.send_response(404)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_GET
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def no_batch_api() -> Iterator[str]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
+    """An endpoint without a Batch API (a plain OpenAI-compatible server)."""
+    with error_server(404) as (url, _):
+        yield url
 
 
 def _job(folder: Path, base_url: str, **over: Any) -> Path:

@@ -75,7 +75,7 @@ def simulated_provider(spec: JobSpec) -> Iterator[JobSpec]:
         key = "sim-" + secrets.token_hex(16)
         os.environ[spec.endpoint.api_key_env] = key
     sim = spec.simulate.model_dump()
-    sim.update(rpm=sim["rpm"] or 0, tpm=sim["tpm"] or 0)  # None: unlimited, 0 to the server
+    sim.update({k: sim[k] or 0 for k in ("rpm", "tpm", "input_tpm", "output_tpm")})  # None: 0
     cfg = MockConfig(**sim, api_key=key)
     proc = start_subprocess(cfg)
     try:
@@ -133,7 +133,8 @@ def _start_actors(spec: JobSpec, key: str | None, schema: pa.Schema,
     try:
         limiter = RateLimiter.options(  # type: ignore[attr-defined]
             name=limiter_name(spec.name)).remote(spec.name, spec.limits.rpm, spec.limits.tpm,
-                                                 budget)
+                                                 budget, input_tpm=spec.limits.input_tpm,
+                                                 output_tpm=spec.limits.output_tpm)
     except ValueError as e:  # the name is taken: the same job is running on this cluster
         raise UserError(f"job {spec.name!r} is already running on this Ray cluster "
                         "(its actors exist); wait for it or stop it first") from e
@@ -239,6 +240,7 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     # batch results name their batch; rows sent online (fallback) leave it empty
     extra = [pa.field("batch_id", pa.string())] if spec.mode == "batch" else []
     extra += structured.result_fields() if structured else []
+    extra += provider_for(spec).result_fields()  # Anthropic's cache-token columns
     store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra))
     store.check_writable()
     check_fingerprint(spec, files, force=opts.force,

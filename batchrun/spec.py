@@ -78,7 +78,7 @@ class _Model(BaseModel):
 class EndpointSpec(_Model):
     api: str = Field(
         "openai", description="The provider's API, one of api/registry.py's PROVIDERS: "
-        "openai (any OpenAI-compatible endpoint).")
+        "openai (any OpenAI-compatible endpoint), anthropic (Messages API).")
     base_url: str = Field(
         "http://127.0.0.1:8000/v1",
         description="OpenAI-compatible base URL ending in /v1; ignored when `simulate` is set.",
@@ -146,6 +146,10 @@ class SimulateSpec(_Model):
     batch_line_error_rate: float = Field(0.0, ge=0, le=1, description="Batch lines that fail.")
     batch_expire_every: int = Field(0, ge=0, description="Every Nth batch expires (0: never).")
     batch_fail_every: int = Field(0, ge=0, description="Every Nth batch fails (0: never).")
+    input_tpm: int | None = Field(None, gt=0, description="Input tokens per minute (Anthropic).")
+    output_tpm: int | None = Field(None, gt=0, description="Output tokens per minute (Anthropic).")
+    overload_rate: float = Field(0.0, ge=0, le=1, description="Share answered 529 overloaded "
+                                 "(Anthropic).")
     storm_every: float = Field(0.0, ge=0, description="Seconds between 429 storms (0: none).")
     storm_seconds: float = Field(0.0, ge=0, description="Length of each 429 storm, seconds.")
     seed: int = Field(0, description="Seed of the fault injection.")
@@ -187,6 +191,12 @@ class LimitsSpec(_Model):
         None, gt=0, description="Tokens per minute (prompt estimate + max_tokens), whole job."
     )
     max_concurrency: int = Field(64, gt=0, description="Requests in flight, whole job.")
+    input_tpm: int | None = Field(
+        None, gt=0, description="Input tokens per minute (prompt estimate), whole job "
+        "(Anthropic limits input and output apart).")
+    output_tpm: int | None = Field(
+        None, gt=0, description="Output tokens per minute, whole job: max_tokens reserved per "
+        "request, settled to the actual count (Anthropic; not on an OpenAI endpoint).")
 
 
 class RetrySpec(_Model):
@@ -314,6 +324,22 @@ class JobSpec(_Model):
     def _one_prompt_source(self) -> JobSpec:
         if (self.prompt_column is None) == (self.messages_column is None):
             raise ValueError("give exactly one of prompt_column or messages_column")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_the_api(self) -> JobSpec:
+        if self.limits.output_tpm is not None and self.endpoint.api == "openai":
+            raise ValueError("limits.output_tpm: an OpenAI endpoint limits tokens as one "
+                             "figure; use limits.tpm there (output_tpm is for api: anthropic)")
+        g = self.generation
+        if self.endpoint.api == "anthropic":  # its Messages API refuses these (HTTP 400)
+            unknown = [f for f in ("seed", "presence_penalty", "frequency_penalty")
+                       if getattr(g, f) is not None]
+            if unknown:
+                raise ValueError(f"generation.{unknown[0]}: the Anthropic Messages API has "
+                                 "no such parameter; remove it")
+            if g.temperature is not None and g.temperature > 1:
+                raise ValueError("generation.temperature: Anthropic takes 0 to 1; lower it")
         return self
 
     def with_date(self, ds: date | str) -> JobSpec:

@@ -54,7 +54,7 @@ class ApiClient:
         self._session = session
         self._kind = kind or ChatKind()
         self._provider = provider or OpenAIProvider()
-        self._url = endpoint.base_url + self._kind.path
+        self._url = self._provider.url(endpoint.base_url, self._kind)
         self._max_bytes = endpoint.max_response_bytes
         self._headers = {"Content-Type": "application/json",
                          **self._provider.auth_headers(api_key)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pyarrow as pa
 
 from batchrun.api.protocols import Completion, RequestKind
 from batchrun.errors import FatalRequestError, RateLimited, RequestError, RetryableError
@@ -35,6 +36,15 @@ class OpenAIProvider:
     """Any endpoint that speaks OpenAI's API: OpenAI, gateways, vLLM, LiteLLM."""
 
     api = "openai"
+
+    def adapt(self, kind: RequestKind) -> RequestKind:
+        return kind  # the kinds are written in OpenAI's shape
+
+    def url(self, base_url: str, kind: RequestKind) -> str:
+        return base_url + kind.path
+
+    def result_fields(self) -> list[pa.Field]:
+        return []
 
     def auth_headers(self, api_key: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {api_key}"} if api_key else {}

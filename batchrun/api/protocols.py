@@ -5,7 +5,11 @@
                   the prompt's tokens. Chat completions is ``api/chat.py``.
     Provider      who answers: auth headers, the one table from an HTTP status to an
                   error (429 and its Retry-After, 5xx, 4xx), the batch-file line of a
-                  request and the outcome of an output line. OpenAI is ``api/openai.py``.
+                  request and the outcome of an output line. OpenAI is ``api/openai.py``,
+                  Anthropic ``api/anthropic.py``. A provider whose body for a kind differs
+                  from OpenAI's (Anthropic's chat is its Messages API) *adapts* the kind:
+                  ``adapt(kind)`` returns the kind as that provider speaks it, and
+                  ``registry.kind_for`` hands every caller the adapted one.
 
 Online mode (``online/``) and batch mode (``batch/``) both go through them, so a new
 kind or provider is one module and one line in ``api/registry.py``.
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import pyarrow as pa
 
 from batchrun.errors import RequestError
 from batchrun.spec import JobSpec
@@ -28,9 +34,11 @@ class Completion:
 
     text: str | None
     finish_reason: str | None
-    prompt_tokens: int
+    prompt_tokens: int  # every input token, cached ones included
     completion_tokens: int
     total_tokens: int
+    cache_creation_tokens: int = 0  # of prompt_tokens: written to a prompt cache (Anthropic)
+    cache_read_tokens: int = 0  # of prompt_tokens: read from a prompt cache
 
 
 class RequestKind(Protocol):
@@ -56,6 +64,19 @@ class RequestKind(Protocol):
 
 class Provider(Protocol):
     api: str  # the spec's ``endpoint.api``
+
+    def adapt(self, kind: RequestKind) -> RequestKind:
+        """The kind as this provider speaks it (the kind itself for OpenAI's API);
+        ``SpecError`` for a kind it does not serve."""
+        ...
+
+    def url(self, base_url: str, kind: RequestKind) -> str:
+        """Where a request of ``kind`` goes, from the spec's ``endpoint.base_url``."""
+        ...
+
+    def result_fields(self) -> list[pa.Field]:
+        """Result columns only this provider fills (Anthropic's cache tokens)."""
+        ...
 
     def auth_headers(self, api_key: str | None) -> dict[str, str]:
         """The headers that carry the key: it goes here and nowhere else."""

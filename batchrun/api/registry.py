@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+from batchrun.api.anthropic import AnthropicProvider
 from batchrun.api.chat import ChatKind
 from batchrun.api.openai import OpenAIProvider
 from batchrun.api.protocols import Provider, RequestKind
@@ -20,12 +21,14 @@ T = TypeVar("T")
 __all__ = ["KINDS", "PROVIDERS", "kind_for", "provider_for"]
 
 KINDS: dict[str, RequestKind] = {ChatKind.task: ChatKind()}
-PROVIDERS: dict[str, Provider] = {OpenAIProvider.api: OpenAIProvider()}
+PROVIDERS: dict[str, Provider] = {OpenAIProvider.api: OpenAIProvider(),
+                                  AnthropicProvider.api: AnthropicProvider()}
 
 
 def kind_for(spec: JobSpec) -> RequestKind:
-    """The request kind of the spec's ``task``; an unknown one is a spec error."""
-    return _known(KINDS, spec.task, "task")
+    """The request kind of the spec's ``task``, as the spec's provider speaks it; an
+    unknown one (or one the provider does not serve) is a spec error."""
+    return provider_for(spec).adapt(_known(KINDS, spec.task, "task"))
 
 
 def provider_for(spec: JobSpec) -> Provider:

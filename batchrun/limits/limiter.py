@@ -20,7 +20,7 @@ from typing import Any
 import ray
 
 from batchrun.limits.permits import LeaseAnswer
-from batchrun.limits.ratelimit import SlotScheduler, windows_for
+from batchrun.limits.ratelimit import Cost, SlotScheduler, windows_for
 from batchrun.money.gate import BLOCK_USD, BudgetConfig, Gate
 
 __all__ = ["BudgetConfig", "RateLimiter", "limiter_name"]
@@ -36,10 +36,11 @@ def limiter_name(job: str) -> str:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class RateLimiter:
     def __init__(self, job: str, rpm: int, tpm: int | None, budget: BudgetConfig | None = None,
-                 horizon_s: float = 0.5):
+                 horizon_s: float = 0.5, input_tpm: int | None = None,
+                 output_tpm: int | None = None):
         self._sched = SlotScheduler(
-            windows_for(rpm, tpm), time.monotonic, validity=SLOT_VALIDITY_S, horizon=horizon_s
-        )
+            windows_for(rpm, tpm, input_tpm, output_tpm), time.monotonic,
+            validity=SLOT_VALIDITY_S, horizon=horizon_s)
         self._halted: str | None = None  # why the job stops (breaker, error rate), if it does
         with warnings.catch_warnings():  # deprecated in 2.60 with no replacement for this
             warnings.simplefilter("ignore")
@@ -70,7 +71,7 @@ class RateLimiter:
                        if n.startswith(prefix)]
             refs = [w.recent_sends.remote() for w in workers]
             halts = [w.halted.remote() for w in workers]
-            answers: list[list[tuple[float, float]]] = ray.get(refs, timeout=10)
+            answers: list[list[tuple[float, Cost]]] = ray.get(refs, timeout=10)
             reasons: list[str | None] = ray.get(halts, timeout=10)
             self._halted = next((h for h in reasons if h), None)
         except (ray.exceptions.RayError, ValueError, TimeoutError):
@@ -79,15 +80,19 @@ class RateLimiter:
         now = time.monotonic()
         self._sched.restore([(now - age, cost) for sends in answers for age, cost in sends])
 
-    def lease(self, costs: list[float], usd: list[float] | None = None,
+    def lease(self, costs: list[Cost], usd: list[float] | None = None,
               settle: list[tuple[float, float]] | None = None,
-              spare: tuple[int, float] = (0, 0.0)) -> LeaseAnswer:
+              spare: tuple[int, Cost] = (0, 0.0),
+              released: list[tuple[float, float]] | None = None) -> LeaseAnswer:
         """Send slots for a prefix of ``costs``; with ``usd``, each one's worst case reserved.
 
         ``spare`` = (n, cost): also up to n slots for requests not asked for yet
         (see ``SlotScheduler.spare``); never with a budget, which must reserve first.
+        ``released``: (slot, output tokens unused) of answered requests, given back.
         """
         self._leases += 1
+        if released:
+            self._sched.release(released)
         gate = self._gate
         if gate is not None:
             for reserved, actual in settle or ():

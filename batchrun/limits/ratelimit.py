@@ -25,6 +25,12 @@ pacing, a window opens with a burst of L requests, the provider takes a
 while to accept them all, and the tail of the burst lands in the next window;
 evenly spaced sends turn the same arrival jitter into a request or two.
 
+Anthropic limits input and output tokens apart: a request's cost is then a pair
+(input, output), ``Window.part`` says which side a token window counts, and the output
+side (reserved as ``max_tokens``) is ``release``d down to the actual count once the answer
+is in. Lowering a count already granted keeps the proof above: every window still held
+at most ``L`` when each later slot was granted, and the actual sends hold no more.
+
 Workers lease slots in batches (one round trip for up to ``max_batch`` requests)
 and only up to ``horizon`` seconds ahead, so no worker hoards the future. A 429
 anywhere pauses every grant until its Retry-After has passed.
@@ -37,7 +43,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Grant", "SlotScheduler", "Window", "windows_for"]
+__all__ = ["Cost", "Grant", "SlotScheduler", "Window", "cost_covers", "cost_max", "units",
+           "windows_for"]
+
+# A request's cost: tokens (one figure), or (input, output) where those are limited apart.
+Cost = float | tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -47,13 +57,44 @@ class Window:
     seconds: float
     limit: float
     tokens: bool = False
+    part: str = "all"  # of a token window: "all" (input + output), "input" or "output"
 
 
-def windows_for(rpm: int, tpm: int | None) -> list[Window]:
-    """RPM over 60 s, RPM/6 over 10 s (no bursts of a whole minute), and TPM over 60 s."""
+def units(window: Window, cost: Cost) -> float:
+    """What one request of ``cost`` counts in ``window`` (a bare figure is all input)."""
+    if not window.tokens:
+        return 1.0
+    if isinstance(cost, tuple):
+        inp, out = cost
+        return inp + out if window.part == "all" else inp if window.part == "input" else out
+    return 0.0 if window.part == "output" else float(cost)
+
+
+def cost_covers(a: Cost, b: Cost) -> bool:
+    """Whether a slot granted for ``a`` may carry a request of ``b`` (each side no less)."""
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        a2 = a if isinstance(a, tuple) else (a, 0.0)
+        b2 = b if isinstance(b, tuple) else (b, 0.0)
+        return a2[0] >= b2[0] and a2[1] >= b2[1]
+    return a >= b
+
+
+def cost_max(costs: Sequence[Cost]) -> Cost:
+    """The least cost that covers each of ``costs``."""
+    if any(isinstance(c, tuple) for c in costs):
+        pairs = [c if isinstance(c, tuple) else (c, 0.0) for c in costs]
+        return max(p[0] for p in pairs), max(p[1] for p in pairs)
+    return max(costs)  # type: ignore[type-var]
+
+
+def windows_for(rpm: int, tpm: int | None, input_tpm: int | None = None,
+                output_tpm: int | None = None) -> list[Window]:
+    """RPM over 60 s, RPM/6 over 10 s (no bursts of a whole minute), and TPM, input TPM
+    and output TPM over 60 s, each where given."""
     out = [Window(60.0, rpm), Window(10.0, max(1, math.floor(rpm / 6)))]
-    if tpm:
-        out.append(Window(60.0, tpm, tokens=True))
+    for limit, part in ((tpm, "all"), (input_tpm, "input"), (output_tpm, "output")):
+        if limit:
+            out.append(Window(60.0, limit, tokens=True, part=part))
     return out
 
 
@@ -78,12 +119,31 @@ class _WindowLog:
     def __init__(self, window: Window, reach: float):
         self.window = window
         self.reach = reach  # W + validity + margin: how long a grant keeps counting
-        self.log: deque[tuple[float, float]] = deque()
+        self.log: deque[list[float]] = deque()  # [start, units]: release lowers units
         self.total = 0.0
+        # where output tokens count, the entries by start, so a release finds its own
+        self.by_start: dict[float, list[list[float]]] | None = (
+            {} if window.tokens and window.part != "input" else None)
 
     def forget_before(self, t: float) -> None:
         while self.log and self.log[0][0] <= t - self.reach:
-            self.total -= self.log.popleft()[1]
+            entry = self.log.popleft()
+            self.total -= entry[1]
+            if self.by_start is not None:
+                same = self.by_start.get(entry[0])
+                if same is not None:
+                    same.remove(entry)
+                    if not same:
+                        del self.by_start[entry[0]]
+
+    def release(self, start: float, amount: float) -> None:
+        """Lower the entry granted at ``start`` by ``amount`` (never below zero)."""
+        if self.by_start is None:
+            return
+        for entry in self.by_start.get(start, ())[:1]:
+            cut = min(amount, entry[1])
+            entry[1] -= cut
+            self.total -= cut
 
     def earliest(self, x: float, cost: float) -> float:
         """The earliest start >= x at which one more unit of ``cost`` fits."""
@@ -97,8 +157,11 @@ class _WindowLog:
         return math.inf  # only when cost alone exceeds the limit; callers reject it first
 
     def add(self, start: float, cost: float) -> None:
-        self.log.append((start, cost))
+        entry = [start, cost]
+        self.log.append(entry)
         self.total += cost
+        if self.by_start is not None:
+            self.by_start.setdefault(start, []).append(entry)
 
 
 class SlotScheduler:
@@ -130,11 +193,20 @@ class SlotScheduler:
         """Treat every window as full as of ``now``: the safe state after a lost log."""
         for log in self._logs:
             log.log.clear()
-            log.log.append((now, log.window.limit))
-            log.total = log.window.limit
+            log.total = 0.0
+            if log.by_start is not None:
+                log.by_start.clear()
+            log.add(now, log.window.limit)
         self._last = max(self._last, now)
 
-    def restore(self, sends: Sequence[tuple[float, float]]) -> None:
+    def release(self, settled: Sequence[tuple[float, float]]) -> None:
+        """(start, output tokens not used) of answered requests: the output side of each
+        one's slot, reserved as ``max_tokens``, comes down to the actual count."""
+        for start, amount in settled:
+            for lg in self._logs:
+                lg.release(start, amount)
+
+    def restore(self, sends: Sequence[tuple[float, Cost]]) -> None:
         """Rebuild the log from (start, cost) of recent sends, e.g. after a restart.
 
         Starts must not be earlier than the real sends (callers map them late), so
@@ -142,27 +214,26 @@ class SlotScheduler:
         """
         for start, cost in sorted(sends):
             for lg in self._logs:
-                lg.add(start, cost if lg.window.tokens else 1.0)
+                lg.add(start, units(lg.window, cost))
             self._last = max(self._last, start)
 
-    def _fits(self, cost: float) -> bool:
-        return all(cost <= lg.window.limit for lg in self._logs if lg.window.tokens)
+    def _fits(self, cost: Cost) -> bool:
+        return all(units(lg.window, cost) <= lg.window.limit for lg in self._logs)
 
-    def _spacing(self, cost: float) -> float:
-        return max(lg.reach * (cost if lg.window.tokens else 1.0) / lg.window.limit
-                   for lg in self._logs)
+    def _spacing(self, cost: Cost) -> float:
+        return max(lg.reach * units(lg.window, cost) / lg.window.limit for lg in self._logs)
 
-    def _next_start(self, cost: float, now: float) -> float:
+    def _next_start(self, cost: Cost, now: float) -> float:
         x = max(now, self._last, self._next_paced, self.paused_until)
         while True:  # each window may push x later; repeat until all agree
             y = x
             for lg in self._logs:
-                y = max(y, lg.earliest(y, cost if lg.window.tokens else 1.0))
+                y = max(y, lg.earliest(y, units(lg.window, cost)))
             if y == x:
                 return x
             x = y
 
-    def grant(self, costs: Sequence[float]) -> Grant:
+    def grant(self, costs: Sequence[Cost]) -> Grant:
         """Slots for a prefix of ``costs`` (tokens per request) within the horizon."""
         now = self.clock()
         for lg in self._logs:
@@ -178,14 +249,14 @@ class SlotScheduler:
                 retry_at = x - self.horizon
                 break
             for lg in self._logs:
-                lg.add(x, cost if lg.window.tokens else 1.0)
+                lg.add(x, units(lg.window, cost))
             self._last = x
             self._next_paced = x + self._spacing(cost)
             starts.append(x)
         self.granted += sum(s is not None for s in starts)
         return Grant(now, starts, retry_at, self.paused_until)
 
-    def spare(self, cost: float, n: int, *, fill: float = 0.5, within: float = 0.01
+    def spare(self, cost: Cost, n: int, *, fill: float = 0.5, within: float = 0.01
               ) -> list[float]:
         """Up to ``n`` extra slots of ``cost``, starting within ``within`` s of now.
 
@@ -206,16 +277,17 @@ class SlotScheduler:
         # Below `fill` (< 1) each window admits them at once, so the starts need no search.
         k = n
         for lg in self._logs:
-            unit = cost if lg.window.tokens else 1.0
-            k = min(k, math.floor((fill * lg.window.limit - lg.total) / unit + 1e-9))
+            unit = units(lg.window, cost)
+            if unit > 0:
+                k = min(k, math.floor((fill * lg.window.limit - lg.total) / unit + 1e-9))
         gap = self._spacing(cost)
         if gap > 0:
             k = min(k, math.floor((now + within - x0) / gap) + 1)
         starts = [x0 + i * gap for i in range(max(0, k))]
         for lg in self._logs:
-            unit = cost if lg.window.tokens else 1.0
-            lg.log.extend((x, unit) for x in starts)
-            lg.total += unit * len(starts)
+            unit = units(lg.window, cost)
+            for x in starts:
+                lg.add(x, unit)
         if starts:
             self._last = starts[-1]
             self._next_paced = starts[-1] + gap

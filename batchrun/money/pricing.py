@@ -34,6 +34,10 @@ __all__ = [
 ]
 
 PICO_PER_USD = 10**12
+# Prompt caching, as Anthropic bills it: a (5-minute) cache write at 1.25x the input
+# price, a cache read at 0.1x. Only providers that report cache tokens have any.
+CACHE_WRITE_X = 1.25
+CACHE_READ_X = 0.1
 # Dated snapshots: gpt-4.1-2025-04-14, claude-sonnet-4-5-20250929, Vertex's @20250929.
 _DATE_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8}|-latest)$")
 
@@ -249,19 +253,27 @@ def _rates(price: ModelPrice, batch: bool) -> tuple[float, float]:
     return price.batch_input_per_1m, price.batch_output_per_1m
 
 
-def cost_pico(price: ModelPrice, prompt_tokens: int, completion_tokens: int, batch: bool) -> int:
-    """The exact cost in pico-USD (integers, no rounding error)."""
+def cost_pico(price: ModelPrice, prompt_tokens: int, completion_tokens: int, batch: bool,
+              cache_write: int = 0, cache_read: int = 0) -> int:
+    """The exact cost in pico-USD (integers, no rounding error); ``cache_write`` and
+    ``cache_read`` are the parts of ``prompt_tokens`` billed at the cache rates."""
     p_in, p_out = _rates(price, batch)
-    return prompt_tokens * _pico_per_token(p_in) + completion_tokens * _pico_per_token(p_out)
+    pin = _pico_per_token(p_in)
+    plain = prompt_tokens - cache_write - cache_read
+    return (plain * pin + cache_write * round(pin * CACHE_WRITE_X)
+            + cache_read * round(pin * CACHE_READ_X) + completion_tokens * _pico_per_token(p_out))
 
 
 def cost_usd(
-    price: ModelPrice, prompt_tokens: int, completion_tokens: int, batch: bool = False
+    price: ModelPrice, prompt_tokens: int, completion_tokens: int, batch: bool = False,
+    cache_write: int = 0, cache_read: int = 0,
 ) -> float:
     """What a request with these token counts is billed, USD."""
-    if prompt_tokens < 0 or completion_tokens < 0:
-        raise ValueError("token counts cannot be negative")
-    return cost_pico(price, prompt_tokens, completion_tokens, batch) / PICO_PER_USD
+    if min(prompt_tokens, completion_tokens, cache_write, cache_read) < 0 or (
+            cache_write + cache_read > prompt_tokens):
+        raise ValueError("token counts cannot be negative, nor cache tokens exceed the prompt")
+    return cost_pico(price, prompt_tokens, completion_tokens, batch, cache_write,
+                     cache_read) / PICO_PER_USD
 
 
 def worst_case_usd(

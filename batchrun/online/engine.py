@@ -24,7 +24,7 @@ from typing import Any
 
 from batchrun.api.client import ApiClient
 from batchrun.api.protocols import Completion
-from batchrun.api.registry import kind_for
+from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.retry import MAX_RETRY_AFTER_S, backoff_s
 from batchrun.api.structured import Structured
 from batchrun.errors import (
@@ -36,6 +36,7 @@ from batchrun.errors import (
 )
 from batchrun.io.shards import RequestRow
 from batchrun.limits.permits import PermitPool, PermitTooLarge
+from batchrun.limits.ratelimit import Cost
 from batchrun.money.budget import DEFAULT_MARGIN
 from batchrun.money.pricing import ModelPrice, cost_usd, worst_case_usd
 from batchrun.online.breaker import Breaker, job_wide_cause, safe_url
@@ -59,18 +60,24 @@ class _Bill:
     completion: int = 0
     usd: float = 0.0
     billed: bool = False
+    cache_write: int = 0
+    cache_read: int = 0
 
     def add(self, c: Completion, usd: float) -> None:
         self.prompt += c.prompt_tokens
         self.completion += c.completion_tokens
+        self.cache_write += c.cache_creation_tokens
+        self.cache_read += c.cache_read_tokens
         self.usd += usd
         self.billed = True
 
     def fields(self) -> dict[str, Any]:
         if not self.billed:
             return {}
+        # the cache columns exist only where the provider reports them (result_fields)
         return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-                "total_tokens": self.prompt + self.completion, "cost_usd": self.usd}
+                "total_tokens": self.prompt + self.completion, "cost_usd": self.usd,
+                "cache_creation_tokens": self.cache_write, "cache_read_tokens": self.cache_read}
 
 
 @dataclass
@@ -123,19 +130,24 @@ class RowRunner:
         self._fields = {**spec.generation.request_fields(),
                         **(structured.request_fields() if structured else {})}
         self._kind = kind_for(spec)
+        # input and output tokens limited apart: reserve max_tokens, give back the unused
+        self._split = bool(spec.limits.input_tpm or spec.limits.output_tpm)
         # One breaker per worker (its rows share this runner). on_trip(reason) stops the
         # job: the worker tells the limiter, which refuses every worker's next lease.
         self.breaker = Breaker(spec.retry.breaker_requests)
         self._on_trip = on_trip
-        self._url = safe_url(spec.endpoint.base_url + self._kind.path)
+        self._url = safe_url(provider_for(spec).url(spec.endpoint.base_url, self._kind))
 
-    def _reservation(self, payload: Any) -> tuple[float, float | None]:
+    def _reservation(self, payload: Any) -> tuple[Cost, float | None]:
         """What each attempt of a row reserves: send-slot cost (its tokens when TPM is
-        limited, else one request) and, with a budget, its worst-case USD."""
+        limited, the pair (input, max_tokens) when input and output are limited apart,
+        else one request) and, with a budget, its worst-case USD."""
         spec = self._spec
-        need_tokens = bool(spec.limits.tpm) or self._budgeted
+        need_tokens = bool(spec.limits.tpm) or self._split or self._budgeted
         prompt = self._kind.prompt_tokens(payload, spec.model) if need_tokens else 0
-        cost = float(prompt + spec.generation.max_tokens) if spec.limits.tpm else 1.0
+        cost: Cost = float(prompt + spec.generation.max_tokens) if spec.limits.tpm else 1.0
+        if self._split:
+            cost = (float(prompt), float(spec.generation.max_tokens))
         usd = (worst_case_usd(self._price, prompt, spec.generation.max_tokens,
                               margin=DEFAULT_MARGIN)
                if self._budgeted and self._price is not None else None)
@@ -150,7 +162,17 @@ class RowRunner:
         return rec
 
     def _billed(self, c: Completion) -> float:
-        return cost_usd(self._price, c.prompt_tokens, c.completion_tokens) if self._price else 0.0
+        if not self._price:
+            return 0.0
+        return cost_usd(self._price, c.prompt_tokens, c.completion_tokens,
+                        cache_write=c.cache_creation_tokens, cache_read=c.cache_read_tokens)
+
+    def _give_back(self, key: float, used: int | None) -> None:
+        """The output tokens the slot reserved and the answer did not use (``used`` None:
+        no answer, and none billed) go back to the output-TPM window."""
+        if self._split:
+            self._permits.release(key, self._spec.generation.max_tokens - min(
+                used or 0, self._spec.generation.max_tokens))
 
     def _settle_failure(self, usd: float | None, e: RequestError) -> None:
         # The error says whether the provider may have billed it (a timeout, a cut
@@ -186,7 +208,8 @@ class RowRunner:
                 return self._unsent(row, started, t)
             t.attempt += 1
             try:
-                t.wait += await self._permits.acquire(cost, usd)
+                waited, key = await self._permits.acquire_slot(cost, usd)
+                t.wait += waited
             except PermitTooLarge as e:
                 return self._record(row, started, status="error", error_type="too_many_tokens",
                                     error_message=str(e), wait_ms=t.wait * 1e3,
@@ -204,9 +227,12 @@ class RowRunner:
                 c = await self._client.complete(body)
             except RequestError as e:
                 self._settle_failure(usd, e)
+                if not e.maybe_billed:
+                    self._give_back(key, None)
                 t.last = e
                 action = self._after_failure(e, t.attempt)
             else:
+                self._give_back(key, c.completion_tokens)
                 answer = self._answered(row, started, t, c, usd, t0)
                 if not isinstance(answer, str):
                     return answer

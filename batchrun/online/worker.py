@@ -103,12 +103,13 @@ class Worker:
         return RowRunner(spec, client, self._permits, pause_all=self._pause_all, price=price,
                          on_trip=on_trip, budgeted=self._budgeted, structured=self._structured)
 
-    async def _lease(self, costs: list[float], usd: list[float] | None,
-                     settle: list[tuple[float, float]], spare: tuple[int, float]
-                     ) -> LeaseAnswer:
+    async def _lease(self, costs: list[Any], usd: list[float] | None,
+                     settle: list[tuple[float, float]], spare: tuple[int, Any],
+                     released: list[tuple[float, float]] | None = None) -> LeaseAnswer:
         try:  # a limiter that never comes back must not hang the job silently
             return await asyncio.wait_for(
-                self._limiter.lease.remote(costs, usd, settle, spare), LEASE_TIMEOUT_S)
+                self._limiter.lease.remote(costs, usd, settle, spare, released),
+                LEASE_TIMEOUT_S)
         except TimeoutError:
             raise ClusterError(f"the rate limiter did not answer within {LEASE_TIMEOUT_S:.0f} s"
                                ) from None
@@ -215,7 +216,7 @@ class Worker:
     def halted(self) -> str | None:
         return self._halted
 
-    def recent_sends(self) -> list[tuple[float, float]]:
+    def recent_sends(self) -> list[tuple[float, Any]]:
         return self._permits.recent_sends() if self._runner is not None else []
 
     def progress(self) -> dict[str, float]:

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from batchrun.api.tokens import count_chat_tokens
 from batchrun.sim import faults
+from batchrun.sim.anthropic import add_anthropic_routes
 from batchrun.sim.batches import add_batch_routes
 from batchrun.sim.config import MockConfig
 from batchrun.sim.ledger import prompt_key
@@ -60,6 +61,7 @@ def build_app(config: MockConfig, *, clock: Callable[[], float] = time.monotonic
     app.router.add_get("/_ledger/stats", ledger_stats)
     app.router.add_post("/_ledger/reset", ledger_reset)
     add_batch_routes(app)
+    add_anthropic_routes(app)  # /v1/messages and Message Batches
     app.on_cleanup.append(_close_ledger)
     return app
 

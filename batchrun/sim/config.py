@@ -35,6 +35,11 @@ class MockConfig:
 
     rpm: int = _opt("--rpm", "requests per minute (0: unlimited)", 0)
     tpm: int = _opt("--tpm", "tokens per minute, prompt + max_tokens (0: unlimited)", 0)
+    input_tpm: int = _opt("--input-tpm", "Anthropic: input tokens per minute (0: unlimited)", 0)
+    output_tpm: int = _opt("--output-tpm", "Anthropic: output tokens per minute, max_tokens "
+                           "checked, the actual count kept (0: unlimited)", 0)
+    overload_rate: float = _opt("--overload-rate", "Anthropic: share answered 529 "
+                                "overloaded_error", 0.0)
     strict: bool = _opt("--no-strict", "use only the 60 s window, not also RPM/6 per 10 s", True)
     latency_ms: float = _opt("--latency-ms", "delay before each accepted answer", 0.0)
     latency_jitter_ms: float = _opt("--latency-jitter-ms", "extra uniform delay 0..J ms", 0.0)
@@ -67,6 +72,12 @@ class MockConfig:
                                 "calls 429 (0: none)", 0)
     batch_retry_after_s: float = _opt("--batch-retry-after", "Retry-After seconds of those "
                                       "429s", 1.0)
+    # Batch queue quotas: what open batches may hold before a create is refused.
+    batch_queue_tokens: int = _opt("--batch-queue-tokens", "OpenAI: enqueued tokens per "
+                                   "model; a batch beyond fails token_limit_exceeded (0: none)",
+                                   0)
+    batch_queue_requests: int = _opt("--batch-queue-requests", "Anthropic: requests in open "
+                                     "message batches; a create beyond is 429 (0: none)", 0)
     api_key: str | None = _opt("--api-key", "required bearer key (default: none)", None)
     # A careless proxy that quotes the caller's key in its errors: the client must mask it.
     echo_key_in_errors: float = _opt("--echo-key-in-errors", "share answered 400 with a body "
@@ -86,8 +97,10 @@ class MockConfig:
         self._validate()
 
     def _validate(self) -> None:
-        if self.rpm < 0 or self.tpm < 0:
-            raise ValueError("rpm and tpm must be >= 0")
+        if min(self.rpm, self.tpm, self.input_tpm, self.output_tpm) < 0:
+            raise ValueError("rpm, tpm, input_tpm and output_tpm must be >= 0")
+        if not 0.0 <= self.overload_rate <= 1.0:
+            raise ValueError("overload_rate must lie in [0, 1]")
         rates = [getattr(self, name) for name in _RATE_FIELDS]
         if any(not 0.0 <= r <= 1.0 for r in rates) or sum(rates) > 1.0 + 1e-9:
             raise ValueError("fault rates must lie in [0, 1] and sum to at most 1")

@@ -31,6 +31,7 @@ class MockState:
         self.unknown_models = frozenset(config.unknown_models)
         # Distinguishes completion ids of different server runs and ledger resets.
         self.nonce = os.urandom(4).hex()
+        self.on_reset: list[Callable[[], None]] = []  # other routes' state (Anthropic's limits)
 
     def now(self) -> float:
         """Seconds since the server started (the ledger's and the limiter's time)."""
@@ -40,6 +41,8 @@ class MockState:
         """Forget all requests: ledger, limit windows and sequence numbers."""
         self.ledger.clear()
         self.limiter.clear()
+        for clear in self.on_reset:
+            clear()
         self.nonce = os.urandom(4).hex()
 
 

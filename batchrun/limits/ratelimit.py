@@ -221,7 +221,11 @@ class SlotScheduler:
         return all(units(lg.window, cost) <= lg.window.limit for lg in self._logs)
 
     def _spacing(self, cost: Cost) -> float:
-        return max(lg.reach * units(lg.window, cost) / lg.window.limit for lg in self._logs)
+        # Not paced by an output window: a slot reserves max_tokens there, but answers use
+        # far less and give the rest back; pacing by the reservation would cap the rate
+        # at output_tpm / max_tokens whatever the answers use.
+        return max(lg.reach * units(lg.window, cost) / lg.window.limit for lg in self._logs
+                   if lg.window.part != "output" or not lg.window.tokens)
 
     def _next_start(self, cost: Cost, now: float) -> float:
         x = max(now, self._last, self._next_paced, self.paused_until)

@@ -226,6 +226,10 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     _refuse_options(spec_path, spec, opts)
     try:  # the request kind and the provider are looked up by name: an unknown one is bad input
         kind_for(spec), provider_for(spec)
+        if spec.mode == "batch":
+            from batchrun.batch.clients import require_batch_api
+
+            require_batch_api(spec)  # a provider with no batch API: nothing is sent
     except SpecError as e:
         raise SpecError(f"{spec_path}: {e}") from None
     _warn_max_tokens(spec, price_for(spec))  # a model with no price is refused here too

@@ -77,7 +77,8 @@ class _Recorder:
         return rec
 
     def cost(self, c: Completion) -> float | None:
-        return (cost_usd(self.price, c.prompt_tokens, c.completion_tokens, batch=True)
+        return (cost_usd(self.price, c.prompt_tokens, c.completion_tokens, batch=True,
+                         cache_write=c.cache_creation_tokens, cache_read=c.cache_read_tokens)
                 if self.price else None)
 
     def answer(self, c: Completion) -> dict[str, Any]:
@@ -85,7 +86,10 @@ class _Recorder:
         answer the check refused (it was paid, and it shows what to fix)."""
         return {"response": c.text, "finish_reason": c.finish_reason,
                 "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                "total_tokens": c.total_tokens, "cost_usd": self.cost(c)}
+                "total_tokens": c.total_tokens, "cost_usd": self.cost(c),
+                # columns only where the provider has them (its result_fields)
+                "cache_creation_tokens": c.cache_creation_tokens,
+                "cache_read_tokens": c.cache_read_tokens}
 
     def ok(self, row: RequestRow, c: Completion, extra: dict[str, Any]) -> dict[str, Any]:
         return self.base(row, status="ok", latency_ms=self.latency_ms, **self.answer(c),

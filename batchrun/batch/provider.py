@@ -37,6 +37,7 @@ from batchrun.api.openai import OpenAIProvider
 from batchrun.api.protocols import Provider, RequestKind
 from batchrun.api.retry import MAX_RETRY_AFTER_S, pause_s, retry_after_s
 from batchrun.api.secrets import redact
+from batchrun.batch.state import ChunkState
 from batchrun.errors import (
     JobCannotSucceed,
     RetryableError,
@@ -49,6 +50,7 @@ __all__ = ["LONG_WAIT_S", "TERMINAL", "BatchProvider", "NoBatchApi",
            "gave_up"]
 
 T = TypeVar("T")
+MetadataFn = Callable[[ChunkState], dict[str, str]]  # what a chunk's create carries
 log = logging.getLogger("batchrun")
 LONG_WAIT_S = 30.0  # waits longer than this are logged (WARNING), naming the call
 
@@ -67,7 +69,12 @@ def gave_up(err: RetryableError, attempts: int) -> JobCannotSucceed:
 
 
 class BatchProvider:
-    """Files and batches of one endpoint; use as ``async with BatchProvider(...) as p``."""
+    """Files and batches of one endpoint; use as ``async with BatchProvider(...) as p``.
+
+    The OpenAI implementation of ``batch.clients.BatchClient``; ``batch/anthropic.py``
+    is Anthropic's, built on this class's calls, retries and error table."""
+
+    _api_paths: tuple[str, ...] = ("/v1/batches", "/v1/files")  # a 404 there: no Batch API
 
     def __init__(self, endpoint: EndpointSpec, api_key: str | None, retry: RetrySpec,
                  rng: random.Random | None = None, *, kind: RequestKind | None = None,
@@ -91,20 +98,24 @@ class BatchProvider:
         if self._session is not None:
             await self._session.close()
 
+    def _full_url(self, path: str) -> str:
+        """``path`` (from /v1) below the endpoint's base URL, which ends in /v1."""
+        return self._base + path.removeprefix("/v1")
+
     def _raise_for(self, method: str, path: str, status: int, body: bytes,
                    headers: Any) -> None:
-        what = f"{method} {self._base}{path.removeprefix('/v1')}: HTTP {status}"
+        what = f"{method} {self._full_url(path)}: HTTP {status}"
         # masked before the provider's text is cut short, as online mode does
         detail = self._api.message(redact(body.decode("utf-8", "replace"), self._key).encode())
-        if status == 404 and (path.startswith("/v1/batches") or path == "/v1/files"):
+        if status == 404 and path.startswith(self._api_paths):
             raise NoBatchApi(
                 f"endpoint {self._base} has no Batch API (404 on {path}); use mode: online "
                 "or batch.fallback: online")
         if status in (401, 403):  # the key is refused: every later call would be too
             raise JobCannotSucceed(f"batch API: {what}: {detail}; check the key in "
                                    "endpoint.api_key_env, then run the same command again")
-        raise self._api.status_error(status, f"{method} {self._base}{path.removeprefix('/v1')}"
-                                     f": {detail}", retry_after_s(headers))
+        raise self._api.status_error(status, f"{method} {self._full_url(path)}: {detail}",
+                                     retry_after_s(headers))
 
     def pause(self, err: RetryableError, attempt: int) -> float:
         """Seconds to wait after ``err`` on ``attempt``: the policy's, Retry-After capped at
@@ -135,7 +146,7 @@ class BatchProvider:
     async def _request(self, method: str, path: str, **kw: Any) -> bytes:
         """One attempt."""
         assert self._session is not None, "use BatchProvider as an async context manager"
-        url = self._base + path.removeprefix("/v1")
+        url = self._full_url(path)
         try:
             async with self._session.request(method, url, headers=self._headers, **kw) as r:
                 body = await r.read()
@@ -186,6 +197,27 @@ class BatchProvider:
 
     async def content(self, file_id: str) -> bytes:
         return await self._retrying(lambda: self._request("GET", f"/v1/files/{file_id}/content"))
+
+    async def results(self, batch: dict[str, Any]) -> list[bytes]:
+        """The JSONL result files of an ended batch: its output and error files."""
+        return [await self.content(str(batch[k]))
+                for k in ("output_file_id", "error_file_id") if batch.get(k)]
+
+    async def find_created(self, waiting: list[ChunkState], metadata: MetadataFn, folder: Path,
+                           taken: set[str]) -> dict[int, dict[str, Any]]:
+        """The batches created for ``waiting`` chunks but never recorded (a crash between
+        create and record): by the metadata each create carried. Chunk seq -> batch."""
+        by_chunk = {str(c.seq): c for c in waiting}
+        found: dict[int, dict[str, Any]] = {}
+        async for b in self.list_batches():
+            meta, bid = b.get("metadata"), b.get("id")
+            if not isinstance(meta, dict) or not isinstance(bid, str) or bid in taken:
+                continue  # not one of ours (or not a batch object at all)
+            c = by_chunk.get(str(meta.get("chunk")))
+            if c is not None and c.seq not in found and all(
+                    meta.get(k) == v for k, v in metadata(c).items() if k != "attempt"):
+                found[c.seq] = b
+        return found
 
     async def create(self, file_id: str, window: str, metadata: dict[str, str],
                      find: Callable[[], Awaitable[dict[str, Any] | None]]) -> dict[str, Any]:

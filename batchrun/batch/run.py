@@ -31,7 +31,8 @@ import pyarrow as pa
 
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
 from batchrun.batch.plan import Planner
-from batchrun.batch.provider import TERMINAL, BatchProvider, NoBatchApi
+from batchrun.batch.clients import BatchClient, batch_client
+from batchrun.batch.provider import TERMINAL, NoBatchApi
 from batchrun.batch.state import (
     OPEN_STEPS,
     BatchJobState,
@@ -42,6 +43,7 @@ from batchrun.batch.state import (
     fingerprint_sha,
     to_ranges,
 )
+from batchrun.api.registry import provider_for
 from batchrun.errors import JobCannotSucceed, RequestError
 from batchrun.io.resume import check_fingerprint
 from batchrun.io.shards import (
@@ -84,7 +86,7 @@ class _Driver:
     """One run of the loop over one job's chunks; all provider I/O goes through ``p``."""
 
     def __init__(self, spec: JobSpec, shards: list[Shard], store: ResultsStore,
-                 provider: BatchProvider, *, price: ModelPrice | None, check: Check | None,
+                 provider: BatchClient, *, price: ModelPrice | None, check: Check | None,
                  extra_body: dict[str, Any] | None, initial_poll_s: float, tag: str):
         self.spec, self.store, self.p = spec, store, provider
         self.shards = {s.index: s for s in shards}
@@ -129,22 +131,19 @@ class _Driver:
         ``clear``, a chunk the provider has no batch for goes back to ``written`` (its
         upload kept), so it no longer holds online runs back (``refuse_open_batches``).
         Returns how many were adopted."""
-        waiting = {str(c.seq): c for c in self.state.chunks if c.step == "uploaded"}
+        waiting = [c for c in self.state.chunks if c.step == "uploaded" and c.batch_id is None]
         if not waiting:
             return 0
-        async for b in self.p.list_batches():
-            meta = b.get("metadata")
-            if not isinstance(meta, dict) or not isinstance(b.get("id"), str):
-                continue  # not one of ours (or not a batch object at all)
-            c = waiting.get(str(meta.get("chunk")))
-            if (c is not None and c.batch_id is None and meta.get("job") == self.spec.name
-                    and meta.get("fingerprint") == self.fingerprint):
-                self._mark_created(c, b)
-        for c in waiting.values():
+        taken = {c.batch_id for c in self.state.chunks if c.batch_id}
+        found = await self.p.find_created(waiting, self._metadata, self.sf.dir, taken)
+        for c in waiting:
+            if c.seq in found:
+                self._mark_created(c, found[c.seq])
+        for c in waiting:
             if clear and c.step == "uploaded":
                 c.step = "written"
         self.save()
-        return sum(c.step == "created" for c in waiting.values())
+        return sum(c.step == "created" for c in waiting)
 
     def _mark_created(self, c: ChunkState, b: dict[str, Any]) -> None:
         c.batch_id, c.batch_status, c.step = str(b["id"]), str(b.get("status")), "created"
@@ -166,6 +165,8 @@ class _Driver:
             c.step = "uploaded"  # from here a batch may exist: online runs are refused
             self.save()
         if c.step == "uploaded":
+            c.intent_at = time.time()  # the intent, on disk before the call: see find_created
+            self.save()
             b = await self.p.create(c.file_id or "", self.spec.batch.completion_window,
                                     self._metadata(c), find=lambda: self._find(c))
             if c.step != "created":  # made by this call, not found after a failed one
@@ -197,12 +198,7 @@ class _Driver:
         if c.batch_id is None:
             return {}
         b = await self.p.retrieve(c.batch_id)
-        contents = []
-        for key in ("output_file_id", "error_file_id"):
-            fid = b.get(key)
-            if fid:
-                contents.append(await self.p.content(str(fid)))
-        return parse_lines(*contents)
+        return parse_lines(*await self.p.results(b))
 
     async def collect(self, c: ChunkState) -> None:
         """Results to parts, retries to a new chunk, then the chunk marked collected."""
@@ -320,11 +316,12 @@ def run_batch_job(spec: JobSpec, *, wait: bool = True, retry_errors: bool = Fals
     fp = check_fingerprint(spec, files, force=force, schema=schema)
     record_plan(spec, files)  # chunks name rows by shard: every later run must see the same
     shards = plan_shards(spec, files)
-    extra = [pa.field("batch_id", pa.string()), *(extra_fields or [])]
+    extra = [pa.field("batch_id", pa.string()), *(extra_fields or []),
+             *provider_for(spec).result_fields()]
     store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra=extra))
 
     async def main() -> BatchOutcome:
-        async with BatchProvider(spec.endpoint, key, spec.retry) as p:
+        async with batch_client(spec, key, StateFile(spec.output).dir) as p:
             d = _Driver(spec, shards, store, p, price=price, check=check,
                         extra_body=extra_body, initial_poll_s=initial_poll_s,
                         tag=batch_tag(fp, spec.output))
@@ -343,11 +340,12 @@ def run_batch_job(spec: JobSpec, *, wait: bool = True, retry_errors: bool = Fals
         raise _stopped(e) from None
 
 
-def _with_state(spec: JobSpec, fn: Callable[[BatchProvider, BatchJobState], Awaitable[T]]) -> T:
-    state = StateFile(spec.output).load(spec)
+def _with_state(spec: JobSpec, fn: Callable[[BatchClient, BatchJobState], Awaitable[T]]) -> T:
+    sf = StateFile(spec.output)
+    state = sf.load(spec)
 
     async def main() -> T:
-        async with BatchProvider(spec.endpoint, resolve_api_key(spec), spec.retry) as p:
+        async with batch_client(spec, resolve_api_key(spec), sf.dir) as p:
             return await fn(p, state)
 
     try:
@@ -358,7 +356,7 @@ def _with_state(spec: JobSpec, fn: Callable[[BatchProvider, BatchJobState], Awai
 
 def batch_status(spec: JobSpec) -> list[dict[str, Any]]:
     """Each chunk's step, and its batch's status and request counts from the provider."""
-    async def ask(p: BatchProvider, state: BatchJobState) -> list[dict[str, Any]]:
+    async def ask(p: BatchClient, state: BatchJobState) -> list[dict[str, Any]]:
         out = []
         for c in state.chunks:
             info = _chunk_info(c)
@@ -374,7 +372,7 @@ def batch_status(spec: JobSpec) -> list[dict[str, Any]]:
 def cancel_batches(spec: JobSpec) -> int:
     """Cancel the job's open batches; returns how many were asked to cancel. A rerun
     collects what they answered and sends the rest again."""
-    async def cancel(p: BatchProvider, state: BatchJobState) -> int:
+    async def cancel(p: BatchClient, state: BatchJobState) -> int:
         n = 0
         for c in state.chunks:
             if c.step == "created" and c.batch_id is not None:

@@ -73,6 +73,9 @@ class ChunkState(_Strict):
     batch_id: str | None = Field(default=None, description="Provider's batch id.")
     batch_status: str | None = Field(default=None, description="Provider's last seen batch status.")
     created_at: float | None = Field(default=None, description="Epoch s of the batch creation.")
+    intent_at: float | None = Field(default=None, description="Epoch s just before the last "
+                                    "create call: a batch made after it may be this chunk's "
+                                    "(providers without metadata: Anthropic).")
     redo: bool = Field(default=False, description="--retry-errors: rows that hold an error "
                        "result on purpose (only an ok result makes them done).")
 

@@ -269,6 +269,12 @@ class BatchSettings(_Model):
     fallback: Literal["none", "online"] = Field(
         "none", description="Send failed/expired rows online instead of in a new batch."
     )
+    max_enqueued_tokens: int | None = Field(
+        None, gt=0, description="The provider's batch queue quota in prompt tokens (OpenAI's "
+        "enqueued-token limit per model): open batches stay under it, the next chunk is "
+        "created as earlier ones complete, and a quota refusal waits and retries.")
+    max_enqueued_requests: int | None = Field(
+        None, gt=0, description="The same in requests (Anthropic's processing queue).")
 
 
 class JobSpec(_Model):

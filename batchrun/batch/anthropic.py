@@ -29,7 +29,9 @@ from urllib.parse import urlparse
 
 from batchrun.api.anthropic import AnthropicProvider
 from batchrun.batch.provider import BatchProvider, MetadataFn
+from batchrun.batch.quotas import QueueFull
 from batchrun.batch.state import ChunkState
+from batchrun.errors import RateLimited
 from batchrun.io.storage import output_error
 from batchrun.spec import EndpointSpec, RetrySpec
 
@@ -106,9 +108,13 @@ class MessageBatches(BatchProvider):
         """POST the chunk's requests (window and metadata: Anthropic has neither)."""
         lines = [x for x in self._read(file_id).splitlines() if x.strip()]
         body = b'{"requests":[' + b",".join(lines) + b"]}"
-        doc = await self._retrying(
-            lambda: self._json("POST", _PATH, data=body, need_id=True), find)
-        return normal(doc)
+
+        async def once() -> dict[str, Any]:
+            try:
+                return await self._json("POST", _PATH, data=body, need_id=True)
+            except RateLimited as e:  # nothing made; the queue (or the key) is full
+                raise QueueFull(str(e), e.retry_after) from None
+        return normal(await self._retrying(once, find))
 
     async def retrieve(self, batch_id: str) -> dict[str, Any]:
         return normal(await self._retrying(lambda: self._json("GET", f"{_PATH}/{batch_id}")))

@@ -24,6 +24,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from batchrun.api.registry import kind_for
 from batchrun.batch.requests import ChunkWriter, iter_selected, line_for
 from batchrun.batch.state import OPEN_STEPS, UNSENT_STEPS, BatchJobState, ChunkState
 from batchrun.io.shards import RequestRow, Shard
@@ -52,19 +53,26 @@ class Planner:
         try:
             for sidx, pos, row in rows:
                 line = line_for(self.spec, self.shards[sidx], pos, row, self.extra_body)
-                if writer is not None and not writer.fits(self.spec, line):
+                tokens = self._tokens(row)
+                if writer is not None and not writer.fits(self.spec, line, tokens):
                     self._record(writer.close(), redo, save)
                     writer = None
                 if writer is None:
                     writer = ChunkWriter(self.folder, self.state.next_seq, attempt)
                     self.state.next_seq += 1
-                writer.add(sidx, pos, line, self.worst(row))
+                writer.add(sidx, pos, line, self.worst(row), tokens)
             if writer is not None:
                 self._record(writer.close(), redo, save)
         except BaseException:
             if writer is not None:
                 writer.discard()
             raise
+
+    def _tokens(self, row: RequestRow) -> int:
+        """A row's prompt tokens, where a batch queue quota counts them."""
+        if self.spec.batch.max_enqueued_tokens is None or row.messages is None:
+            return 0
+        return kind_for(self.spec).prompt_tokens(row.messages, self.spec.model)
 
     def _record(self, chunk: ChunkState, redo: bool, save: bool) -> None:
         chunk.redo = redo

@@ -75,18 +75,27 @@ class ChunkWriter:
         self._positions: dict[int, list[int]] = {}
         self.n_requests = 0
         self.n_bytes = 0
+        self.n_tokens = 0
         self.worst_usd = 0.0
 
-    def fits(self, spec: JobSpec, line: bytes | None) -> bool:
+    def fits(self, spec: JobSpec, line: bytes | None, tokens: int = 0) -> bool:
+        """Whether the line fits the file's limits, and a chunk alone fits the batch queue
+        quotas (a chunk over a quota could never be created)."""
         if line is None:
             return True
-        return (self.n_requests < spec.batch.max_requests_per_file
-                and self.n_bytes + len(line) <= spec.batch.max_bytes_per_file)
+        b = spec.batch
+        quota_ok = self.n_requests == 0 or (
+            (b.max_enqueued_tokens is None or self.n_tokens + tokens <= b.max_enqueued_tokens)
+            and (b.max_enqueued_requests is None or self.n_requests < b.max_enqueued_requests))
+        return (self.n_requests < b.max_requests_per_file and quota_ok
+                and self.n_bytes + len(line) <= b.max_bytes_per_file)
 
-    def add(self, shard_index: int, pos: int, line: bytes | None, worst_usd: float = 0.0) -> None:
+    def add(self, shard_index: int, pos: int, line: bytes | None, worst_usd: float = 0.0,
+            tokens: int = 0) -> None:
         """Add a row; ``line`` None for a bad row (recorded as an error when collected)."""
         assert self._f is not None
         self.worst_usd += worst_usd
+        self.n_tokens += tokens
         self._positions.setdefault(shard_index, []).append(pos)
         if line is not None:
             self._f.write(line)
@@ -105,7 +114,7 @@ class ChunkWriter:
         ranges: Ranges = {s: to_ranges(p) for s, p in self._positions.items()}
         return ChunkState(seq=self.seq, attempt=self.attempt, rows=ranges,
                           n_rows=count_rows(ranges), n_requests=self.n_requests,
-                          file=self.name, worst_usd=self.worst_usd)
+                          n_tokens=self.n_tokens, file=self.name, worst_usd=self.worst_usd)
 
     def discard(self) -> None:
         if self._f is not None:

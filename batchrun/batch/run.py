@@ -33,6 +33,7 @@ from batchrun.batch.collect import Check, collect_chunk, parse_lines
 from batchrun.batch.plan import Planner
 from batchrun.batch.clients import BatchClient, batch_client
 from batchrun.batch.provider import TERMINAL, NoBatchApi
+from batchrun.batch.quotas import QueueFull, may_create, quota_refused, requeue
 from batchrun.batch.state import (
     OPEN_STEPS,
     BatchJobState,
@@ -135,6 +136,7 @@ class _Driver:
         if not waiting:
             return 0
         taken = {c.batch_id for c in self.state.chunks if c.batch_id}
+        taken |= {i for c in self.state.chunks for i in c.refused_ids}
         found = await self.p.find_created(waiting, self._metadata, self.sf.dir, taken)
         for c in waiting:
             if c.seq in found:
@@ -156,6 +158,8 @@ class _Driver:
             c.step, c.batch_status = "completed", "completed"
             self.save()
             return
+        if not may_create(self.spec, self.state.chunks, c):
+            return  # the batch queue is full: created once earlier batches complete
         if not self.gate.admit(c.seq, c.worst_usd):
             return  # over the budget: the chunk stays unsent for a later run
         if c.step == "written":
@@ -167,12 +171,23 @@ class _Driver:
         if c.step == "uploaded":
             c.intent_at = time.time()  # the intent, on disk before the call: see find_created
             self.save()
-            b = await self.p.create(c.file_id or "", self.spec.batch.completion_window,
-                                    self._metadata(c), find=lambda: self._find(c))
+            try:
+                b = await self.p.create(c.file_id or "", self.spec.batch.completion_window,
+                                        self._metadata(c), find=lambda: self._find(c))
+            except QueueFull as e:  # nothing was made: the chunk waits, then goes again
+                self._requeue(c, None, e.retry_after)
+                return
             if c.step != "created":  # made by this call, not found after a failed one
                 self._mark_created(c, b)
                 c.created_at = time.time()
             self.save()
+
+    def _requeue(self, c: ChunkState, refused: str | None, retry_after: float | None) -> None:
+        wait = requeue(self.spec, c, refused, retry_after)
+        self.gate.settle_chunk(c.seq, 0.0)  # a refused batch bills nothing
+        log.info("batch: chunk %d refused by the provider's batch queue quota; creating it "
+                 "again in %.0f s", c.seq, wait)
+        self.save()
 
     async def _find(self, c: ChunkState) -> dict[str, Any] | None:
         """After a failed create: the batch it made after all (a timeout, a 5xx after the
@@ -187,6 +202,9 @@ class _Driver:
             bid = c.batch_id
             b = await self.p.retrieve(bid)
             c.batch_status = str(b.get("status"))
+            if quota_refused(b):  # back-pressure, not failure: created again later
+                self._requeue(c, bid, None)
+                return True
             if c.batch_status not in TERMINAL:
                 return False
             c.step = "completed"

@@ -67,6 +67,14 @@ class ChunkState(_Strict):
     rows: Ranges = Field(description="The chunk's rows as position ranges per shard index.")
     n_rows: int = Field(description="Rows covered, bad rows included.")
     n_requests: int = Field(description="Request lines in the JSONL file.")
+    n_tokens: int = Field(default=0, description="Prompt tokens of its requests (estimated), "
+                          "counted against batch.max_enqueued_tokens (0: not counted).")
+    not_before: float | None = Field(default=None, description="Epoch s: the provider's "
+                                     "queue refused it; not created again before this.")
+    refused_ids: list[str] = Field(default_factory=list, description="Batches the provider "
+                                   "refused for its queue quota (never adopted).")
+    refusals: int = Field(default=0, description="Queue-quota refusals so far (the wait "
+                          "before the next create doubles with each).")
     worst_usd: float = Field(default=0.0, description="Worst-case cost at the batch price.")
     file: str = Field(description="JSONL file name inside OUTPUT/batch/.")
     file_id: str | None = Field(default=None, description="Provider's id of the uploaded file.")

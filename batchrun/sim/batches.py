@@ -13,12 +13,11 @@ and billed with the same tokenizer. The ledger gets one record per batch creatio
 or ``server_error`` for the ``batch_line_error_rate`` share), so tests can prove each
 row was billed once. Lines never run (expired, cancelled) cost nothing.
 
-Like a proxy's key limit, the first ``batch_429_first`` calls to any of these routes
-(after the key check) are answered 429 with ``Retry-After: batch_retry_after_s``; each
-is a ledger record (``rate_limited``, key = ``METHOD /path``), so a test can read when
-the client came back.
-``app[BATCHES].create_answer_delay_s`` holds back a create's answer after the batch
-exists (and is in the ledger): a test kills the driver meanwhile, as a crash would.
+The first ``batch_429_first`` calls (after the key check) are answered 429 with
+``Retry-After: batch_retry_after_s``, each a ledger record (``rate_limited``, key =
+``METHOD /path``); ``batch_queue_tokens`` is OpenAI's per-model enqueued-token quota
+(``quotas.py``). ``app[BATCHES].create_answer_delay_s`` holds back a create's answer
+after the batch exists: a test kills the driver meanwhile, as a crash would.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from aiohttp import web
 from batchrun.api.tokens import count_chat_tokens
 from batchrun.sim import ledger as ledger_mod
 from batchrun.sim.faults import unit
+from batchrun.sim.quotas import over_quota
 from batchrun.sim.ledger import prompt_key
 from batchrun.sim.protocol import (
     BadRequest,
@@ -399,6 +399,8 @@ async def _process(state: MockState, store: BatchStore, b: _Batch) -> None:
     if problem is not None or b.fate == "fail":
         _fail(b, "invalid_file", problem or "simulated failure (batch_fail_every)")
         return
+    if full := over_quota(state.config.batch_queue_tokens, b, store.batches.values()):
+        return _fail(b, "token_limit_exceeded", full)  # sim/quotas.py
     b.obj["request_counts"]["total"] = len(b.lines)
     _set(b, "in_progress")
     if b.fate == "expire":  # half answered, then the window runs out

@@ -44,7 +44,7 @@ from batchrun.errors import (
 )
 from batchrun.spec import JobSpec
 
-__all__ = ["ANTHROPIC_VERSION", "AnthropicProvider", "MessagesKind", "STOP_REASONS"]
+__all__ = ["ANTHROPIC_VERSION", "STOP_REASONS", "AnthropicProvider", "MessagesKind"]
 
 ANTHROPIC_VERSION = "2023-06-01"
 OVERLOADED = 529

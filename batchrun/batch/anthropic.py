@@ -57,8 +57,9 @@ def normal(b: dict[str, Any]) -> dict[str, Any]:
     status = _STATUS.get(str(b.get("processing_status")), str(b.get("processing_status")))
     if status == "completed" and b.get("cancel_initiated_at"):
         status = "cancelled"
-    counts = b.get("request_counts") if isinstance(b.get("request_counts"), dict) else {}
-    total = sum(v for v in counts.values() if isinstance(v, int))  # type: ignore[union-attr]
+    counts: dict[str, Any] = b["request_counts"] if isinstance(b.get("request_counts"),
+                                                               dict) else {}
+    total = sum(v for v in counts.values() if isinstance(v, int))
     return {**b, "status": status, "created_at": _epoch(b.get("created_at")), "total": total}
 
 

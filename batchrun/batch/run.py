@@ -29,9 +29,10 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
+from batchrun.api.registry import provider_for
+from batchrun.batch.clients import BatchClient, batch_client
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
 from batchrun.batch.plan import Planner
-from batchrun.batch.clients import BatchClient, batch_client
 from batchrun.batch.provider import TERMINAL, NoBatchApi
 from batchrun.batch.quotas import QueueFull, may_create, quota_refused, requeue
 from batchrun.batch.state import (
@@ -44,7 +45,6 @@ from batchrun.batch.state import (
     fingerprint_sha,
     to_ranges,
 )
-from batchrun.api.registry import provider_for
 from batchrun.errors import JobCannotSucceed, RequestError
 from batchrun.io.resume import check_fingerprint
 from batchrun.io.shards import (

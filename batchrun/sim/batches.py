@@ -34,7 +34,6 @@ from aiohttp import web
 from batchrun.api.tokens import count_chat_tokens
 from batchrun.sim import ledger as ledger_mod
 from batchrun.sim.faults import unit
-from batchrun.sim.quotas import over_quota
 from batchrun.sim.ledger import prompt_key
 from batchrun.sim.protocol import (
     BadRequest,
@@ -43,6 +42,7 @@ from batchrun.sim.protocol import (
     error_body,
     parse_chat_request,
 )
+from batchrun.sim.quotas import over_quota
 from batchrun.sim.state import STATE, MockState
 
 __all__ = ["BATCHES", "BATCH_OUTCOMES", "BatchStore", "add_batch_routes"]

@@ -23,7 +23,7 @@ def batch_tokens(lines: list[dict[str, Any]]) -> tuple[str, int]:
     """(model, prompt tokens) of a batch's request lines."""
     model, total = "", 0
     for doc in lines:
-        body = doc.get("body") if isinstance(doc.get("body"), dict) else {}
+        body: dict[str, Any] = doc["body"] if isinstance(doc.get("body"), dict) else {}
         model = str(body.get("model") or model)
         messages = body.get("messages")
         if isinstance(messages, list):

@@ -179,7 +179,7 @@ def test_batch_against_a_provider_without_batch_api(tmp_path: Path,
     monkeypatch.setitem(registry.PROVIDERS, "nobatch", NoBatch())
     spec = _spec(tmp_path, "http://127.0.0.1:9").model_copy(update={"endpoint": load_spec(
         write_spec(tmp_path, endpoint={"api": "nobatch"})).endpoint})
-    with pytest.raises(SpecError, match="mode: batch: endpoint.api nobatch has no batch API"):
+    with pytest.raises(SpecError, match=r"mode: batch: endpoint\.api nobatch has no batch API"):
         require_batch_api(spec)
     too_big = _spec(tmp_path / "b", "http://127.0.0.1:9", max_requests_per_file=200_000)
     with pytest.raises(SpecError, match="100,000 requests"):

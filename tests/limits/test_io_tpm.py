@@ -39,8 +39,7 @@ def max_weight_in(sends: list[tuple[float, float]], window: float) -> float:
 
 
 def test_units_and_covers() -> None:
-    inp, out, tok, req = (Window(60, 10, tokens=True, part=p) for p in ("input", "output", "all",
-                                                                        "all"))
+    inp, out, tok = (Window(60, 10, tokens=True, part=p) for p in ("input", "output", "all"))
     assert [units(w, (30.0, 8.0)) for w in (inp, out, tok)] == [30.0, 8.0, 38.0]
     assert units(Window(60, 10), (30.0, 8.0)) == 1.0
     assert units(out, 30.0) == 0.0 and units(inp, 30.0) == 30.0  # a bare figure is input
@@ -84,7 +83,7 @@ def test_input_and_output_windows_hold_with_release(seed: int) -> None:
 
 
 def test_release_lets_the_actual_output_through() -> None:
-    _, outs_kept, n_kept = _run(7, release=False)
+    _, _, n_kept = _run(7, release=False)
     _, outs_given, n_given = _run(7, release=True)
     # reserving max_tokens alone: 4,000 / 100 = 40 requests a minute; settling on the
     # actual count (~32 on average) lets about three times as many through

@@ -65,6 +65,8 @@ __all__ = [
     "render_estimate",
 ]
 
+Bound = Literal["rpm", "tpm", "input_tpm", "output_tpm"]
+
 EXACT_ROW_LIMIT = 200_000
 DEFAULT_SAMPLE_ROWS = 20_000
 DEFAULT_EXPECTED_OUTPUT_RATIO = 0.5
@@ -97,7 +99,7 @@ class Estimate(BaseModel):
     rpm: int = Field(..., description="limits.rpm.")
     tpm: int | None = Field(..., description="limits.tpm.")
     duration_minutes: float = Field(..., description="Online duration at the job's limits.")
-    duration_bound: Literal["rpm", "tpm"] = Field(..., description="The limit that binds.")
+    duration_bound: Bound = Field(..., description="The limit that binds.")
 
 
 class CompareRow(BaseModel):
@@ -202,12 +204,16 @@ def _costs(
     )
 
 
-def _duration(spec: JobSpec, requests: int, prompt: int) -> tuple[float, Literal["rpm", "tpm"]]:
-    by_rpm = requests / spec.limits.rpm
-    if spec.limits.tpm is None:
-        return by_rpm, "rpm"
-    by_tpm = (prompt + requests * spec.generation.max_tokens) / spec.limits.tpm
-    return (by_tpm, "tpm") if by_tpm > by_rpm else (by_rpm, "rpm")
+def _duration(spec: JobSpec, requests: int, prompt: int) -> tuple[float, Bound]:
+    """Minutes at the binding limit. Output is counted at max_tokens (the worst case: the
+    limiter gives unused output back, so an output_tpm-bound job often runs faster)."""
+    lim, out = spec.limits, requests * spec.generation.max_tokens
+    bounds: list[tuple[float, Bound]] = [(requests / lim.rpm, "rpm")]
+    for limit, tokens, name in ((lim.tpm, prompt + out, "tpm"), (lim.input_tpm, prompt,
+                                "input_tpm"), (lim.output_tpm, out, "output_tpm")):
+        if limit:
+            bounds.append((tokens / limit, name))  # type: ignore[arg-type]
+    return max(bounds, key=lambda b: b[0])
 
 
 def _check_ratio(ratio: float) -> None:

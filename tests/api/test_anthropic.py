@@ -206,3 +206,13 @@ def test_online_job_on_anthropic(tmp_path: Path) -> None:
     price = price_for(load_spec(spec))
     assert sum(r["cost_usd"] for r in table) == pytest.approx(sum(
         cost_usd(price, r["prompt_tokens"], r["completion_tokens"]) for r in table))
+
+
+def test_estimate_names_the_binding_token_window() -> None:
+    from batchrun.money.estimate import _duration
+
+    spec = _spec(limits={"rpm": 4000, "input_tpm": 2_000_000, "output_tpm": 40_000})
+    minutes, bound = _duration(spec, 10_000, 300_000)  # 640,000 output tokens at most
+    assert bound == "output_tpm" and minutes == pytest.approx(16.0)
+    minutes, bound = _duration(_spec(limits={"rpm": 4000, "input_tpm": 10_000}), 100, 300_000)
+    assert bound == "input_tpm" and minutes == pytest.approx(30.0)

@@ -148,8 +148,7 @@ class SimulateSpec(_Model):
     batch_fail_every: int = Field(0, ge=0, description="Every Nth batch fails (0: never).")
     input_tpm: int | None = Field(None, gt=0, description="Input tokens per minute (Anthropic).")
     output_tpm: int | None = Field(None, gt=0, description="Output tokens per minute (Anthropic).")
-    overload_rate: float = Field(0.0, ge=0, le=1, description="Share answered 529 overloaded "
-                                 "(Anthropic).")
+    overload_rate: float = Field(0.0, ge=0, le=1, description="Share answered 529 (Anthropic).")
     storm_every: float = Field(0.0, ge=0, description="Seconds between 429 storms (0: none).")
     storm_seconds: float = Field(0.0, ge=0, description="Length of each 429 storm, seconds.")
     seed: int = Field(0, description="Seed of the fault injection.")
@@ -191,12 +190,8 @@ class LimitsSpec(_Model):
         None, gt=0, description="Tokens per minute (prompt estimate + max_tokens), whole job."
     )
     max_concurrency: int = Field(64, gt=0, description="Requests in flight, whole job.")
-    input_tpm: int | None = Field(
-        None, gt=0, description="Input tokens per minute (prompt estimate), whole job "
-        "(Anthropic limits input and output apart).")
-    output_tpm: int | None = Field(
-        None, gt=0, description="Output tokens per minute, whole job: max_tokens reserved per "
-        "request, settled to the actual count (Anthropic; not on an OpenAI endpoint).")
+    input_tpm: int | None = Field(None, gt=0, description="Input tokens per minute (Anthropic).")
+    output_tpm: int | None = Field(None, gt=0, description="Output tokens per minute (Anthropic).")
 
 
 class RetrySpec(_Model):
@@ -269,12 +264,8 @@ class BatchSettings(_Model):
     fallback: Literal["none", "online"] = Field(
         "none", description="Send failed/expired rows online instead of in a new batch."
     )
-    max_enqueued_tokens: int | None = Field(
-        None, gt=0, description="The provider's batch queue quota in prompt tokens (OpenAI's "
-        "enqueued-token limit per model): open batches stay under it, the next chunk is "
-        "created as earlier ones complete, and a quota refusal waits and retries.")
-    max_enqueued_requests: int | None = Field(
-        None, gt=0, description="The same in requests (Anthropic's processing queue).")
+    max_enqueued_tokens: int | None = Field(None, gt=0, description="Queue quota, prompt tokens.")
+    max_enqueued_requests: int | None = Field(None, gt=0, description="Queue quota, requests.")
 
 
 class JobSpec(_Model):
@@ -337,15 +328,12 @@ class JobSpec(_Model):
         if self.limits.output_tpm is not None and self.endpoint.api == "openai":
             raise ValueError("limits.output_tpm: an OpenAI endpoint limits tokens as one "
                              "figure; use limits.tpm there (output_tpm is for api: anthropic)")
-        g = self.generation
-        if self.endpoint.api == "anthropic":  # its Messages API refuses these (HTTP 400)
-            unknown = [f for f in ("seed", "presence_penalty", "frequency_penalty")
-                       if getattr(g, f) is not None]
-            if unknown:
-                raise ValueError(f"generation.{unknown[0]}: the Anthropic Messages API has "
-                                 "no such parameter; remove it")
-            if g.temperature is not None and g.temperature > 1:
-                raise ValueError("generation.temperature: Anthropic takes 0 to 1; lower it")
+        g, anthropic = self.generation, self.endpoint.api == "anthropic"
+        for f in ("seed", "presence_penalty", "frequency_penalty") if anthropic else ():
+            if getattr(g, f) is not None:  # the Messages API refuses them (HTTP 400)
+                raise ValueError(f"generation.{f}: Anthropic has no such parameter; remove it")
+        if anthropic and g.temperature is not None and g.temperature > 1:
+            raise ValueError("generation.temperature: Anthropic takes 0 to 1; lower it")
         return self
 
     def with_date(self, ds: date | str) -> JobSpec:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bench.common import emit, provider, results, run_cli, write_spec
 from batchrun.sim.ledger import max_in_window
+from bench.common import emit, provider, results, run_cli, write_spec
 
 MODEL = "claude-haiku-4-5"
 SYSTEM = "Answer in one short sentence."

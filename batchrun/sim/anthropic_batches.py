@@ -30,6 +30,13 @@ from typing import Any
 
 from aiohttp import web
 
+from batchrun.sim.anthropic_protocol import (
+    BadRequest,
+    answer_message,
+    anthropic_error,
+    key_ok,
+    parse_messages_request,
+)
 from batchrun.sim.faults import unit
 from batchrun.sim.ledger import prompt_key
 from batchrun.sim.state import STATE, MockState
@@ -84,10 +91,8 @@ async def _stop_tasks(app: web.Application) -> None:
 
 
 def _denied(request: web.Request) -> web.Response | None:
-    from batchrun.sim.anthropic import _key_ok, anthropic_error
-
     key = request.app[STATE].config.api_key
-    if key is not None and not _key_ok(request, key):
+    if key is not None and not key_ok(request, key):
         return anthropic_error(401, "authentication_error", "invalid x-api-key")
     if not request.headers.get("anthropic-version"):
         return anthropic_error(400, "invalid_request_error",
@@ -97,8 +102,6 @@ def _denied(request: web.Request) -> web.Response | None:
 
 def _bad(message: str, status: int = 400, type_: str = "invalid_request_error"
          ) -> web.Response:
-    from batchrun.sim.anthropic import anthropic_error
-
     return anthropic_error(status, type_, message)
 
 
@@ -223,8 +226,6 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
 
 def _answer(state: MockState, b: _MBatch, req: dict[str, Any]) -> None:
     """One request answered like an online one (and billed), or errored."""
-    from batchrun.sim.anthropic import BadRequest, answer_message, parse_messages_request
-
     cid, counts, now, cfg = req["custom_id"], b.obj["request_counts"], state.now(), state.config
     seq = len(state.ledger)
     result: dict[str, Any]

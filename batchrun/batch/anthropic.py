@@ -165,7 +165,7 @@ class MessageBatches(BatchProvider):
                         c.intent_at and b["created_at"] < c.intent_at - MATCH_SKEW_S):
                     continue
                 if b["status"] in ("completed", "cancelled") and _ids(
-                        await self.results(b)) != _ids([(folder / c.file).read_bytes()]):
+                        await self.results(b)) != _ids([self._read(_LOCAL + c.file)]):
                     continue  # another batch of the same size: its custom_ids differ
                 found[c.seq] = b
                 taken.add(b["id"])

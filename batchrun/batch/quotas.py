@@ -12,6 +12,7 @@ the refused batch's id is remembered so that crash recovery never adopts it.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = ["QUOTA_CODES", "QueueFull", "may_create", "quota_refused", "requeue"]
 QUOTA_CODES = frozenset({"token_limit_exceeded", "request_limit_exceeded"})
 MAX_WAIT_S = 600.0
 QUEUED_STEPS = ("uploaded", "created")  # a batch may be in the provider's queue
+log = logging.getLogger("batchrun")
 
 
 class QueueFull(Exception):
@@ -74,4 +76,6 @@ def requeue(spec: JobSpec, c: ChunkState, refused_id: str | None,
         c.refused_ids.append(refused_id)
     c.step, c.batch_id, c.batch_status, c.created_at = "written", None, None, None
     c.not_before = (now or time.time()) + wait
+    log.info("batch: chunk %d refused by the provider's batch queue quota; creating it again "
+             "in %.0f s", c.seq, wait)
     return wait

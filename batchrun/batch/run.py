@@ -4,7 +4,8 @@ It runs in the driver process (no Ray: the provider does the work) and survives 
 killed anywhere: every step is recorded in ``OUTPUT/batch/state.json`` before the next
 one starts, and a batch created but not yet recorded is found again on the rerun by
 listing the provider's batches and matching their metadata ``{job, chunk,
-fingerprint}``, so no chunk is ever created (or billed) twice.
+fingerprint}`` (Anthropic's have none: ``batch/anthropic.py`` matches time, size and
+``custom_id``s), so no chunk is ever created (or billed) twice.
 
 Rows answered with a retryable error, or never run (expired, failed, cancelled batch),
 go into a new chunk with the next attempt number, up to ``retry.max_attempts``; with
@@ -135,14 +136,12 @@ class _Driver:
         waiting = [c for c in self.state.chunks if c.step == "uploaded" and c.batch_id is None]
         if not waiting:
             return 0
-        taken = {c.batch_id for c in self.state.chunks if c.batch_id}
-        taken |= {i for c in self.state.chunks for i in c.refused_ids}
+        taken = {i for c in self.state.chunks for i in (c.batch_id, *c.refused_ids) if i}
         found = await self.p.find_created(waiting, self._metadata, self.sf.dir, taken)
         for c in waiting:
             if c.seq in found:
                 self._mark_created(c, found[c.seq])
-        for c in waiting:
-            if clear and c.step == "uploaded":
+            elif clear:
                 c.step = "written"
         self.save()
         return sum(c.step == "created" for c in waiting)
@@ -183,10 +182,8 @@ class _Driver:
             self.save()
 
     def _requeue(self, c: ChunkState, refused: str | None, retry_after: float | None) -> None:
-        wait = requeue(self.spec, c, refused, retry_after)
+        requeue(self.spec, c, refused, retry_after)
         self.gate.settle_chunk(c.seq, 0.0)  # a refused batch bills nothing
-        log.info("batch: chunk %d refused by the provider's batch queue quota; creating it "
-                 "again in %.0f s", c.seq, wait)
         self.save()
 
     async def _find(self, c: ChunkState) -> dict[str, Any] | None:

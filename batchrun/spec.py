@@ -78,7 +78,7 @@ class _Model(BaseModel):
 class EndpointSpec(_Model):
     api: str = Field(
         "openai", description="The provider's API, one of api/registry.py's PROVIDERS: "
-        "openai (any OpenAI-compatible endpoint), anthropic (Messages API).")
+        "openai (any OpenAI-compatible endpoint), anthropic (Messages API), gemini (native).")
     base_url: str = Field(
         "http://127.0.0.1:8000/v1",
         description="OpenAI-compatible base URL ending in /v1; ignored when `simulate` is set.",

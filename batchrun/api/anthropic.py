@@ -170,7 +170,7 @@ class AnthropicProvider:
 
     api = "anthropic"
 
-    def adapt(self, kind: RequestKind) -> RequestKind:
+    def adapt(self, kind: RequestKind, spec: JobSpec) -> RequestKind:
         if kind.task == "chat":
             return MessagesKind()
         raise SpecError(f"task: {kind.task!r} is not served by endpoint.api: anthropic "

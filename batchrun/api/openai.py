@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from batchrun.api.protocols import Completion, RequestKind
 from batchrun.errors import FatalRequestError, RateLimited, RequestError, RetryableError
+from batchrun.spec import JobSpec
 
 __all__ = ["RETRYABLE_LINE_CODES", "RETRYABLE_STATUS", "OpenAIProvider"]
 
@@ -37,7 +38,7 @@ class OpenAIProvider:
 
     api = "openai"
 
-    def adapt(self, kind: RequestKind) -> RequestKind:
+    def adapt(self, kind: RequestKind, spec: JobSpec) -> RequestKind:
         return kind  # the kinds are written in OpenAI's shape
 
     def url(self, base_url: str, kind: RequestKind) -> str:

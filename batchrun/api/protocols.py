@@ -8,7 +8,7 @@
                   request and the outcome of an output line. OpenAI is ``api/openai.py``,
                   Anthropic ``api/anthropic.py``. A provider whose body for a kind differs
                   from OpenAI's (Anthropic's chat is its Messages API) *adapts* the kind:
-                  ``adapt(kind)`` returns the kind as that provider speaks it, and
+                  ``adapt(kind, spec)`` returns the kind as that provider speaks it, and
                   ``registry.kind_for`` hands every caller the adapted one.
 
 Online mode (``online/``) and batch mode (``batch/``) both go through them, so a new
@@ -65,7 +65,7 @@ class RequestKind(Protocol):
 class Provider(Protocol):
     api: str  # the spec's ``endpoint.api``
 
-    def adapt(self, kind: RequestKind) -> RequestKind:
+    def adapt(self, kind: RequestKind, spec: JobSpec) -> RequestKind:
         """The kind as this provider speaks it (the kind itself for OpenAI's API);
         ``SpecError`` for a kind it does not serve."""
         ...

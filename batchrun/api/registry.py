@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from batchrun.api.anthropic import AnthropicProvider
 from batchrun.api.chat import ChatKind
+from batchrun.api.gemini import GeminiProvider
 from batchrun.api.openai import OpenAIProvider
 from batchrun.api.protocols import Provider, RequestKind
 from batchrun.errors import SpecError
@@ -22,13 +23,14 @@ __all__ = ["KINDS", "PROVIDERS", "kind_for", "provider_for"]
 
 KINDS: dict[str, RequestKind] = {ChatKind.task: ChatKind()}
 PROVIDERS: dict[str, Provider] = {OpenAIProvider.api: OpenAIProvider(),
-                                  AnthropicProvider.api: AnthropicProvider()}
+                                  AnthropicProvider.api: AnthropicProvider(),
+                                  GeminiProvider.api: GeminiProvider()}
 
 
 def kind_for(spec: JobSpec) -> RequestKind:
     """The request kind of the spec's ``task``, as the spec's provider speaks it; an
     unknown one (or one the provider does not serve) is a spec error."""
-    return provider_for(spec).adapt(_known(KINDS, spec.task, "task"))
+    return provider_for(spec).adapt(_known(KINDS, spec.task, "task"), spec)
 
 
 def provider_for(spec: JobSpec) -> Provider:

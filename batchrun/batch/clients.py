@@ -3,6 +3,7 @@ and which client each ``endpoint.api`` uses.
 
     OpenAI      Files + Batch API      ``provider.BatchProvider``
     Anthropic   Message Batches        ``anthropic.MessageBatches``
+    Gemini      batchGenerateContent   ``gemini.GeminiBatches`` (inline requests, 20 MB)
 
 Statuses come back in one vocabulary (OpenAI's: ``in_progress``, ``cancelling``, and
 the ``TERMINAL`` ones), ``created_at`` as epoch seconds, so the driver never asks which
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from batchrun.batch.anthropic import MAX_BATCH_BYTES, MAX_BATCH_REQUESTS, MessageBatches
+from batchrun.batch.gemini import MAX_INLINE_BYTES, GeminiBatches
 from batchrun.batch.provider import BatchProvider, MetadataFn
 from batchrun.batch.state import ChunkState
 from batchrun.errors import SpecError
@@ -61,22 +63,31 @@ class BatchClient(Protocol):
         ...
 
 
-BATCH_CLIENTS: dict[str, type[Any]] = {"openai": BatchProvider, "anthropic": MessageBatches}
+BATCH_CLIENTS: dict[str, type[Any]] = {"openai": BatchProvider, "anthropic": MessageBatches,
+                                        "gemini": GeminiBatches}
 # what one batch may hold, where the provider caps it below the spec's own limits
-_CAPS = {"anthropic": (MAX_BATCH_REQUESTS, MAX_BATCH_BYTES)}
+_CAPS = {"anthropic": (MAX_BATCH_REQUESTS, MAX_BATCH_BYTES),
+         "gemini": (MAX_BATCH_REQUESTS, MAX_INLINE_BYTES)}
 
 
-def require_batch_api(spec: JobSpec) -> None:
-    """``mode: batch`` needs a provider with a batch API, and chunks within its caps."""
+def require_batch_api(spec: JobSpec) -> JobSpec:
+    """``mode: batch`` needs a provider with a batch API; returns the spec with its chunk
+    limits cut to the provider's caps where left at their defaults (one set above a cap
+    is a spec error)."""
     api = spec.endpoint.api
     if api not in BATCH_CLIENTS:
         raise SpecError(f"mode: batch: endpoint.api {api} has no batch API in batchrun; use "
                         f"mode: online, or one of: {', '.join(sorted(BATCH_CLIENTS))}")
     cap = _CAPS.get(api)
-    b = spec.batch
-    if cap and (b.max_requests_per_file > cap[0] or b.max_bytes_per_file > cap[1]):
-        raise SpecError(f"batch.max_requests_per_file/max_bytes_per_file: {api} takes at most "
-                        f"{cap[0]:,} requests and {cap[1]:,} bytes per batch; lower them")
+    if cap is None:
+        return spec
+    b, given = spec.batch, spec.batch.model_fields_set
+    for field, limit in (("max_requests_per_file", cap[0]), ("max_bytes_per_file", cap[1])):
+        if field in given and getattr(b, field) > limit:
+            raise SpecError(f"batch.{field}: {api} takes at most {limit:,} per batch; lower it")
+    fitted = b.model_copy(update={"max_requests_per_file": min(b.max_requests_per_file, cap[0]),
+                                  "max_bytes_per_file": min(b.max_bytes_per_file, cap[1])})
+    return spec.model_copy(update={"batch": fitted})
 
 
 def batch_client(spec: JobSpec, api_key: str | None, folder: Path) -> BatchClient:
@@ -84,4 +95,7 @@ def batch_client(spec: JobSpec, api_key: str | None, folder: Path) -> BatchClien
     require_batch_api(spec)
     if spec.endpoint.api == "anthropic":
         return MessageBatches(spec.endpoint, api_key, spec.retry, folder=folder)
+    if spec.endpoint.api == "gemini":
+        return GeminiBatches(spec.endpoint, api_key, spec.retry, folder=folder,
+                             model=spec.model)
     return BatchProvider(spec.endpoint, api_key, spec.retry)  # type: ignore[return-value]

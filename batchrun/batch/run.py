@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from batchrun.api.registry import provider_for
-from batchrun.batch.clients import BatchClient, batch_client
+from batchrun.batch.clients import BatchClient, batch_client, require_batch_api
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
 from batchrun.batch.plan import Planner
 from batchrun.batch.provider import TERMINAL, NoBatchApi
@@ -324,6 +324,7 @@ def run_batch_job(spec: JobSpec, *, wait: bool = True, retry_errors: bool = Fals
     ``force`` and ``schema`` (the resolved response schema) are online mode's resume
     check's: the output folder must hold results of this job, or ``force`` says keep them.
     """
+    spec = require_batch_api(spec)  # chunks within the provider's caps
     price = price_for(spec)
     worst_case_usd(price, 0, 0, batch=True)  # no batch price: one clear line, before sending
     key = resolve_api_key(spec)

@@ -26,6 +26,7 @@ from batchrun.sim import faults
 from batchrun.sim.anthropic import add_anthropic_routes
 from batchrun.sim.batches import add_batch_routes
 from batchrun.sim.config import MockConfig
+from batchrun.sim.gemini import add_gemini_routes
 from batchrun.sim.ledger import prompt_key
 from batchrun.sim.limits import Decision
 from batchrun.sim.protocol import (
@@ -62,6 +63,7 @@ def build_app(config: MockConfig, *, clock: Callable[[], float] = time.monotonic
     app.router.add_post("/_ledger/reset", ledger_reset)
     add_batch_routes(app)
     add_anthropic_routes(app)  # /v1/messages and Message Batches
+    add_gemini_routes(app)  # /v1beta: generateContent and the Batch API
     app.on_cleanup.append(_close_ledger)
     return app
 

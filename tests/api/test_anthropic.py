@@ -145,7 +145,7 @@ def test_registry_adapts_chat_and_refuses_other_kinds() -> None:
     class Other:
         task = "embeddings"
     with pytest.raises(SpecError, match="anthropic"):
-        ANTH.adapt(Other())  # type: ignore[arg-type]
+        ANTH.adapt(Other(), spec)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("over", "needle"), [

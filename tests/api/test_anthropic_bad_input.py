@@ -42,7 +42,7 @@ def _cli(spec: Path, code: str | None = None) -> subprocess.CompletedProcess[str
     ({"endpoint": {"api": "openai"}, "limits": {"rpm": 60, "output_tpm": 9000}},
      "limits.output_tpm"),
     ({"model": "claude-unreleased-9", "budget": {"max_cost_usd": 5}}, "has no price"),
-    ({"mode": "batch", "batch": {"max_requests_per_file": 150_000}}, "100,000 requests"),
+    ({"mode": "batch", "batch": {"max_requests_per_file": 150_000}}, "at most 100,000 per batch"),
     ({"mode": "batch", "endpoint": {"api": "nobatch"}}, "nobatch has no batch API"),
 ])
 def test_one_line_exit_2_nothing_sent(tmp_path: Path, server: RunningServer,

@@ -89,4 +89,4 @@ def test_openai_headers_carry_the_key_only_in_authorization():
 
 
 def test_registry_has_one_entry_per_kind_and_provider():
-    assert set(KINDS) == {"chat"} and set(PROVIDERS) == {"openai", "anthropic"}
+    assert set(KINDS) == {"chat"} and set(PROVIDERS) == {"openai", "anthropic", "gemini"}

@@ -182,5 +182,5 @@ def test_batch_against_a_provider_without_batch_api(tmp_path: Path,
     with pytest.raises(SpecError, match=r"mode: batch: endpoint\.api nobatch has no batch API"):
         require_batch_api(spec)
     too_big = _spec(tmp_path / "b", "http://127.0.0.1:9", max_requests_per_file=200_000)
-    with pytest.raises(SpecError, match="100,000 requests"):
+    with pytest.raises(SpecError, match="at most 100,000 per batch"):
         require_batch_api(too_big)

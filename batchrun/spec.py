@@ -23,6 +23,7 @@ from batchrun.errors import SecretError, SpecError
 __all__ = [
     "BatchSettings",
     "BudgetSpec",
+    "EmbeddingSpec",
     "EndpointSpec",
     "GenerationSpec",
     "JobSpec",
@@ -251,6 +252,28 @@ class ResponseFormatSpec(_Model):
         return self
 
 
+MAX_INPUTS_PER_REQUEST = 2048  # OpenAI's limit of inputs in one embeddings request
+
+
+class EmbeddingSpec(_Model):
+    """``task: embeddings``: how rows are packed into ``POST /v1/embeddings`` requests."""
+
+    dimensions: int | None = Field(None, gt=0, description="Vector size asked for (models "
+                                   "that can shorten theirs); passed through.")
+    inputs_per_request: int = Field(128, ge=1, description="Rows sent in one request "
+                                    f"(at most {MAX_INPUTS_PER_REQUEST}).")
+    encoding_format: Literal["base64", "float"] = Field(
+        "base64", description="How vectors travel: base64 (compact; decoded here) or float.")
+
+    @field_validator("inputs_per_request")
+    @classmethod
+    def _at_most(cls, v: int) -> int:
+        if v > MAX_INPUTS_PER_REQUEST:
+            raise ValueError(f"{v} is over the {MAX_INPUTS_PER_REQUEST} inputs one embeddings "
+                             f"request may carry; use {MAX_INPUTS_PER_REQUEST} or fewer")
+        return v
+
+
 class BatchSettings(_Model):
     completion_window: str = Field("24h", description="Provider completion window.")
     max_requests_per_file: int = Field(50_000, gt=0, description="Requests per JSONL file.")
@@ -266,7 +289,7 @@ class JobSpec(_Model):
     input: str = Field(..., description="Parquet file, folder or glob; may use {ds}.")
     task: str = Field(
         "chat", description="The request kind, one of api/registry.py's KINDS: chat "
-        "(chat completions).")
+        "(chat completions), embeddings, responses (the Responses API).")
     prompt_column: str | None = Field(None, description="Column of plain-text prompts.")
     messages_column: str | None = Field(
         None, description="Column of chat messages: a list of {role, content}."
@@ -274,7 +297,15 @@ class JobSpec(_Model):
     id_column: str | None = Field(
         None, description="Column of unique row ids; default: file name + row position."
     )
-    system_prompt: str | None = Field(None, description="System message put before each prompt.")
+    system_prompt: str | None = Field(None, description="System message put before each "
+                                      "prompt; may be a Jinja2 template of the row's columns.")
+    prompt_template: str | None = Field(
+        None, description="Jinja2 template of the prompt, the row's columns as variables "
+        "(instead of prompt_column).")
+    image_column: str | None = Field(
+        None, description="Column of image URLs or image bytes, added to the user message.")
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec, description="task: "  # type: ignore[arg-type]
+                                     "embeddings settings.")
     carry_columns: list[str] = Field(
         default_factory=list, description="Input columns copied into the results."
     )
@@ -310,10 +341,29 @@ class JobSpec(_Model):
             raise ValueError("use letters, digits, '.', '_' or '-' (at most 64), e.g. nightly-tags")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _embeddings_generation(cls, data: Any) -> Any:
+        # an embedding has no output: generation (and its max_tokens) is optional there
+        if isinstance(data, dict) and data.get("task") == "embeddings":
+            gen = data.get("generation")
+            gen = dict(gen) if isinstance(gen, dict) else {}
+            gen.setdefault("max_tokens", 1)
+            data = {**data, "generation": gen}
+        return data
+
     @model_validator(mode="after")
     def _one_prompt_source(self) -> JobSpec:
-        if (self.prompt_column is None) == (self.messages_column is None):
-            raise ValueError("give exactly one of prompt_column or messages_column")
+        given = [self.prompt_column, self.messages_column, self.prompt_template]
+        if sum(x is not None for x in given) != 1:
+            raise ValueError("give exactly one of prompt_column, messages_column or "
+                             "prompt_template")
+        if self.task == "embeddings":
+            for name in ("response_format", "image_column", "messages_column"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"task: embeddings takes no {name}; remove it (an "
+                                     "embedding is a vector of the text of prompt_column or "
+                                     "prompt_template)")
         return self
 
     def with_date(self, ds: date | str) -> JobSpec:

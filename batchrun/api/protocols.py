@@ -9,6 +9,11 @@
 
 Online mode (``online/``) and batch mode (``batch/``) both go through them, so a new
 kind or provider is one module and one line in ``api/registry.py``.
+
+A kind may also define (read through the functions below, with chat's defaults):
+``inputs_per_request(spec)`` rows one request carries (embeddings: many; the engine then
+groups rows), ``output_tokens(spec)`` the worst-case output a request reserves (default
+``generation.max_tokens``) and ``result_fields(spec)`` its own result columns.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import pyarrow as pa
+
 from batchrun.errors import RequestError
 from batchrun.spec import JobSpec
 
-__all__ = ["Completion", "Provider", "RequestKind"]
+__all__ = ["Completion", "Provider", "RequestKind", "inputs_per_request", "kind_result_fields",
+           "output_tokens"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # result fields per input of a request that carries several (embeddings: one vector
+    # each, in input order); empty for a one-row answer
+    extra: tuple[dict[str, Any], ...] = ()
 
 
 class RequestKind(Protocol):
@@ -79,3 +90,21 @@ class Provider(Protocol):
                      kind: RequestKind) -> Completion | RequestError:
         """What a batch output line says of its row: an answer, or the error."""
         ...
+
+
+def inputs_per_request(kind: RequestKind, spec: JobSpec) -> int:
+    """Rows one request of ``kind`` carries: 1 unless the kind says otherwise."""
+    fn = getattr(kind, "inputs_per_request", None)
+    return int(fn(spec)) if fn is not None else 1
+
+
+def output_tokens(kind: RequestKind, spec: JobSpec) -> int:
+    """The output tokens one request may bill, for TPM and the budget's worst case."""
+    fn = getattr(kind, "output_tokens", None)
+    return int(fn(spec)) if fn is not None else spec.generation.max_tokens
+
+
+def kind_result_fields(kind: RequestKind, spec: JobSpec) -> list[pa.Field]:
+    """The kind's own result columns (embeddings: ``embedding``), after the fixed ones."""
+    fn = getattr(kind, "result_fields", None)
+    return list(fn(spec)) if fn is not None else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from batchrun.api.chat import ChatKind
+from batchrun.api.embeddings import EmbeddingsKind
 from batchrun.api.openai import OpenAIProvider
 from batchrun.api.protocols import Provider, RequestKind
 from batchrun.errors import SpecError
@@ -20,6 +21,7 @@ T = TypeVar("T")
 __all__ = ["KINDS", "PROVIDERS", "kind_for", "provider_for"]
 
 KINDS: dict[str, RequestKind] = {ChatKind.task: ChatKind()}
+KINDS[EmbeddingsKind.task] = EmbeddingsKind()
 PROVIDERS: dict[str, Provider] = {OpenAIProvider.api: OpenAIProvider()}
 
 

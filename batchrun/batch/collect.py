@@ -85,7 +85,8 @@ class _Recorder:
         answer the check refused (it was paid, and it shows what to fix)."""
         return {"response": c.text, "finish_reason": c.finish_reason,
                 "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                "total_tokens": c.total_tokens, "cost_usd": self.cost(c)}
+                "total_tokens": c.total_tokens, "cost_usd": self.cost(c),
+                **(c.extra[0] if len(c.extra) == 1 else {})}  # a kind's own (embedding)
 
     def ok(self, row: RequestRow, c: Completion, extra: dict[str, Any]) -> dict[str, Any]:
         return self.base(row, status="ok", latency_ms=self.latency_ms, **self.answer(c),

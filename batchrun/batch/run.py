@@ -42,6 +42,8 @@ from batchrun.batch.state import (
     fingerprint_sha,
     to_ranges,
 )
+from batchrun.api.protocols import kind_result_fields
+from batchrun.api.registry import kind_for
 from batchrun.errors import JobCannotSucceed, RequestError
 from batchrun.io.resume import check_fingerprint
 from batchrun.io.shards import (
@@ -320,11 +322,12 @@ def run_batch_job(spec: JobSpec, *, wait: bool = True, retry_errors: bool = Fals
     fp = check_fingerprint(spec, files, force=force, schema=schema)
     record_plan(spec, files)  # chunks name rows by shard: every later run must see the same
     shards = plan_shards(spec, files)
-    extra = [pa.field("batch_id", pa.string()), *(extra_fields or [])]
+    extra = [pa.field("batch_id", pa.string()), *(extra_fields or []),
+             *kind_result_fields(kind_for(spec), spec)]  # embeddings: the vector
     store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra=extra))
 
     async def main() -> BatchOutcome:
-        async with BatchProvider(spec.endpoint, key, spec.retry) as p:
+        async with BatchProvider(spec.endpoint, key, spec.retry, kind=kind_for(spec)) as p:
             d = _Driver(spec, shards, store, p, price=price, check=check,
                         extra_body=extra_body, initial_poll_s=initial_poll_s,
                         tag=batch_tag(fp, spec.output))
@@ -347,7 +350,8 @@ def _with_state(spec: JobSpec, fn: Callable[[BatchProvider, BatchJobState], Awai
     state = StateFile(spec.output).load(spec)
 
     async def main() -> T:
-        async with BatchProvider(spec.endpoint, resolve_api_key(spec), spec.retry) as p:
+        async with BatchProvider(spec.endpoint, resolve_api_key(spec), spec.retry,
+                                 kind=kind_for(spec)) as p:
             return await fn(p, state)
 
     try:

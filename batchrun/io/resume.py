@@ -86,6 +86,11 @@ def fingerprint(spec: JobSpec, files: list[str],
     fields = spec.model_dump(include=set(_REQUEST_FIELDS), mode="json")
     if spec.task != "chat":  # other kinds ask other questions; chat outputs keep their hash
         fields["task"] = spec.task
+    if spec.task == "embeddings":
+        fields["embedding"] = spec.embedding.model_dump(mode="json")
+    for name in ("prompt_template", "image_column"):  # only when set: old hashes hold
+        if getattr(spec, name) is not None:
+            fields[name] = getattr(spec, name)
     if schema is not None:  # the resolved schema: an edited schema file or model counts
         fields["resolved_schema"] = schema
     sha = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -95,7 +100,8 @@ def fingerprint(spec: JobSpec, files: list[str],
 
 def _difference(old: Fingerprint, new: Fingerprint) -> str | None:
     if old.request_sha256 != new.request_sha256:
-        changed = [k for k in (*_REQUEST_FIELDS, "resolved_schema")
+        changed = [k for k in (*_REQUEST_FIELDS, "resolved_schema", "task", "embedding",
+                               "prompt_template", "image_column")
                    if old.request_fields.get(k) != new.request_fields.get(k)]
         return f"request fields changed ({', '.join(changed)})"
     if len(old.inputs) != len(new.inputs) or not all(

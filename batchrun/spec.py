@@ -364,6 +364,12 @@ class JobSpec(_Model):
                     raise ValueError(f"task: embeddings takes no {name}; remove it (an "
                                      "embedding is a vector of the text of prompt_column or "
                                      "prompt_template)")
+        if self.task == "responses":  # the Responses API answers these with 400
+            taken = [f for f in ("stop", "seed", "presence_penalty", "frequency_penalty")
+                     if getattr(self.generation, f) is not None]
+            if taken:
+                raise ValueError(f"task: responses takes no generation.{taken[0]} (the "
+                                 "Responses API has none); remove it")
         return self
 
     def with_date(self, ds: date | str) -> JobSpec:

@@ -13,6 +13,7 @@ from batchrun.api.chat import ChatKind
 from batchrun.api.embeddings import EmbeddingsKind
 from batchrun.api.openai import OpenAIProvider
 from batchrun.api.protocols import Provider, RequestKind
+from batchrun.api.responses import ResponsesKind
 from batchrun.errors import SpecError
 from batchrun.spec import JobSpec
 
@@ -22,6 +23,7 @@ __all__ = ["KINDS", "PROVIDERS", "kind_for", "provider_for"]
 
 KINDS: dict[str, RequestKind] = {ChatKind.task: ChatKind()}
 KINDS[EmbeddingsKind.task] = EmbeddingsKind()
+KINDS[ResponsesKind.task] = ResponsesKind()
 PROVIDERS: dict[str, Provider] = {OpenAIProvider.api: OpenAIProvider()}
 
 

@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
+from batchrun.api.protocols import kind_result_fields
+from batchrun.api.registry import kind_for
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
 from batchrun.batch.plan import Planner
 from batchrun.batch.provider import TERMINAL, BatchProvider, NoBatchApi
@@ -42,8 +44,6 @@ from batchrun.batch.state import (
     fingerprint_sha,
     to_ranges,
 )
-from batchrun.api.protocols import kind_result_fields
-from batchrun.api.registry import kind_for
 from batchrun.errors import JobCannotSucceed, RequestError
 from batchrun.io.resume import check_fingerprint
 from batchrun.io.shards import (

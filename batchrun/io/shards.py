@@ -26,9 +26,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrun.api.registry import kind_for
+from batchrun.api.templates import template_columns
 from batchrun.errors import InputDataError, ResumeRefused, SpecError
 from batchrun.io import storage
+from batchrun.io.rows import RowBuilder
 from batchrun.io.storage import commit_bytes, join
 from batchrun.spec import JobSpec
 
@@ -175,6 +176,7 @@ def validate_input(spec: JobSpec) -> list[str]:
         schema = _open(path).schema_arrow
         wanted = [(spec.prompt_column, "text"), (spec.messages_column, "messages")]
         wanted += [(spec.id_column, "any")] + [(c, "any") for c in spec.carry_columns]
+        wanted += [(c, "any") for c in template_columns(spec)] + [(spec.image_column, "any")]
         for name, kind in wanted:
             if name is None:
                 continue
@@ -282,18 +284,16 @@ def iter_shard_rows(
     spec: JobSpec, shard: Shard, batch_rows: int = 1024
 ) -> Iterator[list[RequestRow]]:
     """The shard's rows as ``RequestRow`` lists of at most ``batch_rows``, read lazily."""
-    source = spec.prompt_column or spec.messages_column
-    assert source is not None
-    kind = kind_for(spec)  # a row's value -> its request payload, or the row's error
-    cols = list(dict.fromkeys([source, *([spec.id_column] if spec.id_column else []),
+    builder = RowBuilder(spec)  # a row's columns -> its request payload, or its error
+    cols = list(dict.fromkeys([*builder.columns, *([spec.id_column] if spec.id_column else []),
                                *spec.carry_columns]))
     pos = shard.start
     for batch in _batches(_open(shard.path), shard, cols, batch_rows):
         data = batch.to_pydict()
         out = []
-        for j, value in enumerate(data[source]):
+        for j in range(batch.num_rows):
             rid = data[spec.id_column][j] if spec.id_column else f"{shard.id_prefix}#{pos + j}"
-            msgs, err = kind.payload(spec, value)
+            msgs, err = builder.payload(data, j)
             carry = {c: data[c][j] for c in spec.carry_columns}
             out.append(RequestRow(str(rid), msgs, err, carry))
         pos += batch.num_rows

@@ -127,14 +127,14 @@ class GroupRunner(RowRunner):
 
     def _answered_rows(self, rows: list[RequestRow], counts: list[int], started: datetime,
                        t: _Try, c: Completion, usd: float | None, t0: float
-                       ) -> list[dict[str, Any]]:
+                       ) -> list[dict[str, Any] | None]:
         """Every row's ok record: its share of the bill, its own result fields."""
         billed = self._billed(c)
         if usd is not None:
             self._permits.settle(usd, billed)
         self.breaker.success()
         latency = (time.perf_counter() - t0) * 1e3
-        out = []
+        out: list[dict[str, Any] | None] = []
         for row, tokens, fields in zip(rows, share_tokens(counts, c.prompt_tokens), c.extra,
                                        strict=True):
             usd_row = cost_usd(self._price, tokens, 0) if self._price else 0.0

@@ -30,7 +30,7 @@ from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
 from batchrun.errors import ClusterError
-from batchrun.io.shards import Shard, iter_shard_rows
+from batchrun.io.shards import RequestRow, Shard, iter_shard_rows
 from batchrun.limits.limiter import SLOT_VALIDITY_S, limiter_name
 from batchrun.limits.permits import LeaseAnswer, PermitPool
 from batchrun.money.pricing import price_for
@@ -151,7 +151,7 @@ class Worker:
         (fewer at the shard's end), sends them as one request, puts a record per row."""
         while True:
             async with self._sem:
-                rows = []
+                rows: list[RequestRow] = []
                 while len(rows) < self._per_request:
                     if (row := await feed.next_row()) is None:
                         break

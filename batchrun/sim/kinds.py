@@ -27,7 +27,13 @@ import numpy as np
 from batchrun.api.tokens import count_chat_tokens, count_text_tokens
 from batchrun.sim.config import MockConfig
 from batchrun.sim.ledger import prompt_key
-from batchrun.sim.protocol import BadRequest, ChatRequest, answer_request, completion_body, parse_chat_request
+from batchrun.sim.protocol import (
+    BadRequest,
+    ChatRequest,
+    answer_request,
+    completion_body,
+    parse_chat_request,
+)
 
 __all__ = ["ROUTES", "ChatRoute", "EmbeddingsRoute", "ResponsesRoute", "SimRoute",
            "embedding_vector"]

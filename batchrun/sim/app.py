@@ -4,7 +4,8 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``POST /v1/respo
 (``kinds.py`` says what each answers; ``kind_handler`` serves them), ``GET /v1/models``,
 ``GET /health`` and the test judge ``GET /_ledger``, ``GET /_ledger/stats``,
 ``POST /_ledger/reset``. All state lives in one ``MockState`` under ``app[STATE]``
-(``state.py``), which the Batch API routes of ``batches.py`` share: the limiter, the ledger and the clock.
+(``state.py``), which the Batch API routes of ``batches.py`` share: the limiter, the
+ledger and the clock.
 
 The chat handler decides everything (auth, validation, storm, limits, fault, answer)
 without awaiting, records the decision in the ledger, and only then sleeps for the

@@ -252,26 +252,11 @@ class ResponseFormatSpec(_Model):
         return self
 
 
-MAX_INPUTS_PER_REQUEST = 2048  # OpenAI's limit of inputs in one embeddings request
-
-
-class EmbeddingSpec(_Model):
-    """``task: embeddings``: how rows are packed into ``POST /v1/embeddings`` requests."""
-
-    dimensions: int | None = Field(None, gt=0, description="Vector size asked for (models "
-                                   "that can shorten theirs); passed through.")
-    inputs_per_request: int = Field(128, ge=1, description="Rows sent in one request "
-                                    f"(at most {MAX_INPUTS_PER_REQUEST}).")
+class EmbeddingSpec(_Model):  # task: embeddings: rows packed into POST /v1/embeddings
+    dimensions: int | None = Field(None, gt=0, description="Vector size asked for; passed on.")
+    inputs_per_request: int = Field(128, ge=1, le=2048, description="Rows one request carries.")
     encoding_format: Literal["base64", "float"] = Field(
         "base64", description="How vectors travel: base64 (compact; decoded here) or float.")
-
-    @field_validator("inputs_per_request")
-    @classmethod
-    def _at_most(cls, v: int) -> int:
-        if v > MAX_INPUTS_PER_REQUEST:
-            raise ValueError(f"{v} is over the {MAX_INPUTS_PER_REQUEST} inputs one embeddings "
-                             f"request may carry; use {MAX_INPUTS_PER_REQUEST} or fewer")
-        return v
 
 
 class BatchSettings(_Model):
@@ -297,15 +282,10 @@ class JobSpec(_Model):
     id_column: str | None = Field(
         None, description="Column of unique row ids; default: file name + row position."
     )
-    system_prompt: str | None = Field(None, description="System message put before each "
-                                      "prompt; may be a Jinja2 template of the row's columns.")
-    prompt_template: str | None = Field(
-        None, description="Jinja2 template of the prompt, the row's columns as variables "
-        "(instead of prompt_column).")
-    image_column: str | None = Field(
-        None, description="Column of image URLs or image bytes, added to the user message.")
-    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec, description="task: "  # type: ignore[arg-type]
-                                     "embeddings settings.")
+    system_prompt: str | None = Field(None, description="System message put before each prompt.")
+    prompt_template: str | None = Field(None, description="Jinja2 prompt of the row's columns.")
+    image_column: str | None = Field(None, description="Column of image URLs or bytes.")
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec, description="embeddings.")  # type: ignore[arg-type]
     carry_columns: list[str] = Field(
         default_factory=list, description="Input columns copied into the results."
     )
@@ -346,10 +326,7 @@ class JobSpec(_Model):
     def _embeddings_generation(cls, data: Any) -> Any:
         # an embedding has no output: generation (and its max_tokens) is optional there
         if isinstance(data, dict) and data.get("task") == "embeddings":
-            gen = data.get("generation")
-            gen = dict(gen) if isinstance(gen, dict) else {}
-            gen.setdefault("max_tokens", 1)
-            data = {**data, "generation": gen}
+            return {**data, "generation": {"max_tokens": 1, **(data.get("generation") or {})}}
         return data
 
     @model_validator(mode="after")
@@ -358,18 +335,6 @@ class JobSpec(_Model):
         if sum(x is not None for x in given) != 1:
             raise ValueError("give exactly one of prompt_column, messages_column or "
                              "prompt_template")
-        if self.task == "embeddings":
-            for name in ("response_format", "image_column", "messages_column"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"task: embeddings takes no {name}; remove it (an "
-                                     "embedding is a vector of the text of prompt_column or "
-                                     "prompt_template)")
-        if self.task == "responses":  # the Responses API answers these with 400
-            taken = [f for f in ("stop", "seed", "presence_penalty", "frequency_penalty")
-                     if getattr(self.generation, f) is not None]
-            if taken:
-                raise ValueError(f"task: responses takes no generation.{taken[0]} (the "
-                                 "Responses API has none); remove it")
         return self
 
     def with_date(self, ds: date | str) -> JobSpec:

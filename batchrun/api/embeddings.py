@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from batchrun.api.protocols import Completion
 from batchrun.api.tokens import count_text_tokens
-from batchrun.errors import RetryableError
+from batchrun.errors import RetryableError, SpecError
 from batchrun.spec import JobSpec
 
 __all__ = ["EMBEDDING_DIMENSIONS", "MAX_INPUT_TOKENS", "EmbeddingsKind", "share_tokens"]
@@ -65,6 +65,12 @@ def _vector(value: Any) -> np.ndarray:
 class EmbeddingsKind:
     task = "embeddings"
     path = "/embeddings"
+
+    def check_spec(self, spec: JobSpec) -> None:
+        for name in ("response_format", "image_column", "messages_column"):
+            if getattr(spec, name) is not None:
+                raise SpecError(f"task: embeddings takes no {name}; remove it (an embedding "
+                                "is the vector of prompt_column's or prompt_template's text)")
 
     def inputs_per_request(self, spec: JobSpec) -> int:
         return spec.embedding.inputs_per_request

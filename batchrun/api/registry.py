@@ -28,8 +28,13 @@ PROVIDERS: dict[str, Provider] = {OpenAIProvider.api: OpenAIProvider()}
 
 
 def kind_for(spec: JobSpec) -> RequestKind:
-    """The request kind of the spec's ``task``; an unknown one is a spec error."""
-    return _known(KINDS, spec.task, "task")
+    """The request kind of the spec's ``task``; an unknown one, or a spec holding fields the
+    kind cannot send (its optional ``check_spec``), is a spec error."""
+    kind = _known(KINDS, spec.task, "task")
+    check = getattr(kind, "check_spec", None)
+    if check is not None:
+        check(spec)
+    return kind
 
 
 def provider_for(spec: JobSpec) -> Provider:

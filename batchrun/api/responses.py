@@ -15,7 +15,7 @@ from typing import Any
 
 from batchrun.api.chat import ChatKind
 from batchrun.api.protocols import Completion
-from batchrun.errors import RetryableError
+from batchrun.errors import RetryableError, SpecError
 from batchrun.spec import JobSpec
 
 __all__ = ["UNSUPPORTED_FIELDS", "ResponsesKind", "output_text"]
@@ -50,6 +50,12 @@ class ResponsesKind:
 
     def __init__(self) -> None:
         self._chat = ChatKind()
+
+    def check_spec(self, spec: JobSpec) -> None:
+        for name in UNSUPPORTED_FIELDS:  # the Responses API answers them with 400
+            if getattr(spec.generation, name) is not None:
+                raise SpecError(f"task: responses takes no generation.{name} (the Responses "
+                                "API has none); remove it")
 
     def payload(self, spec: JobSpec, value: Any) -> tuple[Messages | None, str | None]:
         return self._chat.payload(spec, value)

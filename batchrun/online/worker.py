@@ -146,16 +146,19 @@ class Worker:
             else:
                 feed.put(rec)
 
-    async def _group_lane(self, runner: GroupRunner, feed: Feed) -> None:
+    async def _group_lane(self, runner: GroupRunner, feed: Feed, gather: asyncio.Lock
+                          ) -> None:
         """A lane of a kind whose request carries several rows: it gathers up to that many
-        (fewer at the shard's end), sends them as one request, puts a record per row."""
+        (fewer at the shard's end; one lane at a time, so requests go out full), sends
+        them as one request, and puts a record per row."""
         while True:
             async with self._sem:
                 rows: list[RequestRow] = []
-                while len(rows) < self._per_request:
-                    if (row := await feed.next_row()) is None:
-                        break
-                    rows.append(row)
+                async with gather:
+                    while len(rows) < self._per_request:
+                        if (row := await feed.next_row()) is None:
+                            break
+                        rows.append(row)
                 if not rows:
                     return
                 self._in_flight += 1
@@ -171,10 +174,11 @@ class Worker:
 
     async def _feed(self, feed: Feed) -> None:
         runner = await self._setup()
+        gather = asyncio.Lock()
         try:
             async with asyncio.TaskGroup() as tg:
                 for _ in range(self._concurrency):
-                    tg.create_task(self._group_lane(runner, feed)
+                    tg.create_task(self._group_lane(runner, feed, gather)
                                    if isinstance(runner, GroupRunner) else
                                    self._lane(runner, feed))
             await self._permits.flush()  # the shard's last settlements

@@ -14,6 +14,7 @@ from typing import Any
 from batchrun.api.images import image_part
 from batchrun.api.registry import kind_for
 from batchrun.api.templates import Templates
+from batchrun.io.formats import ERROR_COLUMN
 from batchrun.spec import JobSpec
 
 __all__ = ["RowBuilder"]
@@ -30,6 +31,9 @@ class RowBuilder:
         self.columns = list(dict.fromkeys(c for c in named if c is not None))
 
     def payload(self, data: dict[str, list[Any]], j: int) -> tuple[Any, str | None]:
+        bad = data.get(ERROR_COLUMN)
+        if bad is not None and bad[j] is not None:  # a JSONL line that is no row (formats.py)
+            return None, bad[j]
         t = self.templates
         if t is None and self.spec.image_column is None:  # the plain path: as before
             assert self.source is not None

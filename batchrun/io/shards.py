@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from batchrun.api.templates import template_columns
 from batchrun.errors import InputDataError, ResumeRefused, SpecError
 from batchrun.io import storage
+from batchrun.io.formats import RowFile, is_row_file, open_input
 from batchrun.io.rows import RowBuilder
 from batchrun.io.storage import commit_bytes, join
 from batchrun.spec import JobSpec
@@ -87,7 +88,7 @@ def carry_schema(spec: JobSpec, shards: list[Shard]) -> pa.Schema | None:
     if not spec.carry_columns:
         return None
     # an empty input has no shards, but its files still have the columns' types
-    schema = pq.read_schema(shards[0].path if shards else input_files(spec)[0])
+    schema = _open(shards[0].path if shards else input_files(spec)[0]).schema_arrow
     return pa.schema([schema.field(c) for c in spec.carry_columns])
 
 
@@ -98,12 +99,15 @@ def input_files(spec: JobSpec) -> list[str]:
         files = sorted(f for f in glob.glob(src, recursive=True) if os.path.isfile(f))
     elif os.path.isdir(src):
         files = sorted(str(p) for p in Path(src).rglob("*.parquet") if p.is_file())
+        files = files or sorted(str(p) for p in Path(src).rglob("*")  # no Parquet: JSONL/CSV
+                                if p.is_file() and is_row_file(p.name))
     elif os.path.isfile(src):
         files = [src]
     else:
         raise InputDataError(f"input: {src}: no such file or folder; check the path in the spec")
     if not files:
-        raise InputDataError(f"input: {src}: holds no Parquet files (*.parquet)")
+        raise InputDataError(f"input: {src}: holds no Parquet files (*.parquet), nor JSONL "
+                             "or CSV files (*.jsonl, *.jsonl.gz, *.csv)")
     return files
 
 
@@ -118,9 +122,9 @@ def input_root(spec: JobSpec) -> str:
 _root_of = input_root  # the name ops/submit.py imports
 
 
-def _open(path: str) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(path)
+def _open(path: str) -> pq.ParquetFile | RowFile:
+    try:  # Parquet, or a JSONL/CSV file read alike (formats.py), by the name's ending
+        return open_input(path)
     except (OSError, pa.ArrowInvalid) as e:
         raise InputDataError(f"input: {path}: not a readable Parquet file ({e})") from e
 
@@ -190,7 +194,7 @@ def validate_input(spec: JobSpec) -> list[str]:
     return files
 
 
-def _file_shards(pf: pq.ParquetFile, shard_rows: int) -> Iterator[tuple[int, int]]:
+def _file_shards(pf: pq.ParquetFile | RowFile, shard_rows: int) -> Iterator[tuple[int, int]]:
     """Row ranges of one file: whole row groups packed up to ``shard_rows``, big ones split."""
     start = pos = 0
     for i in range(pf.metadata.num_row_groups):
@@ -261,7 +265,8 @@ def plan_shards(spec: JobSpec, files: list[str] | None = None) -> list[Shard]:
     return shards
 
 
-def _batches(pf: pq.ParquetFile, shard: Shard, cols: list[str], n: int) -> Iterator[pa.RecordBatch]:
+def _batches(pf: pq.ParquetFile | RowFile, shard: Shard, cols: list[str], n: int
+             ) -> Iterator[pa.RecordBatch]:
     """Record batches covering exactly the shard's rows, reading only the row groups it spans."""
     groups, first, pos = [], None, 0
     for i in range(pf.metadata.num_row_groups):

@@ -65,7 +65,7 @@ def test_parse_joins_output_text_and_maps_incomplete_to_length() -> None:
 
 
 def test_generation_fields_the_responses_api_lacks_are_spec_errors() -> None:
-    with pytest.raises(SpecError, match="responses takes no generation.stop"):
+    with pytest.raises(SpecError, match=r"responses takes no generation\.stop"):
         kind_for(_spec(generation={"max_tokens": 5, "stop": ["\n"]}))
     with pytest.raises(Exception, match="max_tokens"):
         _spec(generation={"temperature": 0.1})  # still mandatory

@@ -163,13 +163,9 @@ class RowFile:
                 break
         if not sample:
             raise InputDataError(f"input: {self.name}: holds no JSON object lines")
-        try:
-            schema = pa.Table.from_pylist(sample).schema
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise InputDataError(f"input: {self.name}: its first lines disagree on a "
-                                 f"column's type ({e}); make each column one type") from None
-        return pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f
-                          for f in schema])
+        names = list(dict.fromkeys(k for doc in sample for k in doc))
+        return pa.schema([pa.field(n, _column_type(self.name, n, [d.get(n) for d in sample]))
+                          for n in names])
 
     def _jsonl_batch(self, lines: list[bytes], schema: pa.Schema, first: int) -> pa.RecordBatch:
         docs: list[dict[str, Any]] = []
@@ -245,6 +241,21 @@ class RowFile:
             pos += 1
         if lines:
             yield self._jsonl_batch(lines, schema, pos - len(lines))
+
+
+def _column_type(name: str, column: str, values: list[Any]) -> pa.DataType:
+    """The type of a column in the first lines; where they disagree, the first value's
+    (the lines of another type then become their rows' errors)."""
+    try:
+        typ = pa.array(values).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        first = next(v for v in values if v is not None)
+        try:
+            typ = pa.array([first]).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise InputDataError(f"input: {name}: column {column!r} holds a value Arrow "
+                                 f"cannot type ({e})") from None
+    return pa.string() if pa.types.is_null(typ) else typ
 
 
 def _skipped(batches: Iterator[pa.RecordBatch], skip: int) -> Iterator[pa.RecordBatch]:

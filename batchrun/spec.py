@@ -332,9 +332,8 @@ class JobSpec(_Model):
     @model_validator(mode="after")
     def _one_prompt_source(self) -> JobSpec:
         given = [self.prompt_column, self.messages_column, self.prompt_template]
-        if sum(x is not None for x in given) != 1:
-            raise ValueError("give exactly one of prompt_column, messages_column or "
-                             "prompt_template")
+        if sum(x is not None for x in given) > 1:  # none: an OpenAI batch input file
+            raise ValueError("give one of prompt_column, messages_column or prompt_template")
         return self
 
     def with_date(self, ds: date | str) -> JobSpec:

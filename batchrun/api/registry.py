@@ -13,6 +13,7 @@ from batchrun.api.chat import ChatKind
 from batchrun.api.embeddings import EmbeddingsKind
 from batchrun.api.openai import OpenAIProvider
 from batchrun.api.protocols import Provider, RequestKind
+from batchrun.api.rawbody import RawBodyKind, is_raw_input
 from batchrun.api.responses import ResponsesKind
 from batchrun.errors import SpecError
 from batchrun.spec import JobSpec
@@ -31,6 +32,8 @@ def kind_for(spec: JobSpec) -> RequestKind:
     """The request kind of the spec's ``task``; an unknown one, or a spec holding fields the
     kind cannot send (its optional ``check_spec``), is a spec error."""
     kind = _known(KINDS, spec.task, "task")
+    if is_raw_input(spec):  # no prompt source: the lines of an OpenAI batch input file
+        kind = RawBodyKind(kind)
     check = getattr(kind, "check_spec", None)
     if check is not None:
         check(spec)

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from batchrun.errors import InputDataError
 
-__all__ = ["ERROR_COLUMN", "GROUP_ROWS", "ROW_SUFFIXES", "RowFile", "content_sha256",
+__all__ = ["BATCH_FILE_SCHEMA", "ERROR_COLUMN", "GROUP_ROWS", "ROW_SUFFIXES", "RowFile",
+           "content_sha256",
            "is_row_file", "open_input"]
 
 ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv")
@@ -42,6 +43,9 @@ ERROR_COLUMN = "_batchrun_line_error"  # set on a row whose line could not be re
 GROUP_ROWS = 10_000
 SAMPLE_LINES = 1000
 _CHUNK = 1 << 20
+# An OpenAI batch input file's lines, as columns: the body stays JSON text, sent as written
+BATCH_FILE_SCHEMA = pa.schema([pa.field(n, pa.string())
+                               for n in ("custom_id", "method", "url", "body")])
 # (path, size, mtime) -> (rows, byte offset of each group's first row), kept per process
 _COUNTS: dict[tuple[str, int, float], tuple[int, list[int]]] = {}
 
@@ -163,6 +167,8 @@ class RowFile:
                 break
         if not sample:
             raise InputDataError(f"input: {self.name}: holds no JSON object lines")
+        if all("custom_id" in d and "body" in d for d in sample):  # an OpenAI batch file
+            return BATCH_FILE_SCHEMA
         names = list(dict.fromkeys(k for doc in sample for k in doc))
         return pa.schema([pa.field(n, _column_type(self.name, n, [d.get(n) for d in sample]))
                           for n in names])
@@ -171,7 +177,13 @@ class RowFile:
         docs: list[dict[str, Any]] = []
         for i, line in enumerate(lines):
             doc = _loads(line)
-            if isinstance(doc, dict):
+            if isinstance(doc, dict) and self.schema_arrow is BATCH_FILE_SCHEMA:
+                body = doc.get("body")
+                cols = {"custom_id": _text(doc.get("custom_id")), "method":
+                        _text(doc.get("method")), "url": _text(doc.get("url")),
+                        "body": orjson.dumps(body).decode() if body is not None else None}
+                docs.append({n: cols[n] for n in schema.names})
+            elif isinstance(doc, dict):
                 docs.append({f.name: doc.get(f.name) for f in schema})
             else:
                 docs.append({ERROR_COLUMN: f"row {first + i + 1} of {self.name}: not a JSON "
@@ -265,6 +277,10 @@ def _skipped(batches: Iterator[pa.RecordBatch], skip: int) -> Iterator[pa.Record
             continue
         yield b.slice(skip) if skip else b
         skip = 0
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _loads(line: bytes) -> Any:

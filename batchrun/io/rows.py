@@ -11,13 +11,40 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from batchrun.api.images import image_part
+from batchrun.api.rawbody import RawBody, is_raw_input
 from batchrun.api.registry import kind_for
 from batchrun.api.templates import Templates
-from batchrun.io.formats import ERROR_COLUMN
+from batchrun.errors import InputDataError
+from batchrun.io.formats import BATCH_FILE_SCHEMA, ERROR_COLUMN
 from batchrun.spec import JobSpec
 
-__all__ = ["RowBuilder"]
+__all__ = ["RowBuilder", "check_batch_file", "first_url"]
+
+
+def first_url(pf: Any) -> str | None:
+    """The url of a batch file's first line (None if it has none)."""
+    if pf.schema_arrow.names != BATCH_FILE_SCHEMA.names:
+        return None
+    for batch in pf.iter_batches(batch_size=1, columns=["url"]):
+        return str(batch.column(0)[0].as_py()) if batch.num_rows else None
+    return None
+
+
+def check_batch_file(spec: JobSpec, path: str, schema: Any, first_url: str | None) -> None:
+    """A spec with no prompt source runs OpenAI batch input files: ``path`` must be one,
+    asking for the task's endpoint (checked on its first line; every line is checked
+    again when read, as that row's error)."""
+    if schema.names != BATCH_FILE_SCHEMA.names:
+        raise InputDataError(f"input: {path}: not an OpenAI batch input file ({{custom_id, "
+                             "method, url, body}} lines); or name the prompt with "
+                             "prompt_column, messages_column or prompt_template")
+    want = "/v1" + kind_for(spec).path
+    if first_url is not None and first_url != want:
+        raise InputDataError(f"input: {path}: its lines ask for {first_url}, and task: "
+                             f"{spec.task} sends {want}; set the task that matches the file")
 
 
 class RowBuilder:
@@ -28,12 +55,28 @@ class RowBuilder:
         self.source = spec.prompt_column or spec.messages_column
         named = [self.source, spec.image_column, *(self.templates.columns
                                                    if self.templates else [])]
+        self.raw = is_raw_input(spec)  # the lines of an OpenAI batch input file
+        if self.raw:
+            named = ["custom_id", "method", "url", "body"]
         self.columns = list(dict.fromkeys(c for c in named if c is not None))
+        # a batch file's custom_id is the row's id
+        self.id_column = spec.id_column or ("custom_id" if self.raw else None)
+        self._url = "/v1" + self.kind.path
+
+    def row_id(self, data: dict[str, list[Any]], j: int, default: str) -> str:
+        """The row's id: its id column's value, else ``default`` (file#position); a batch
+        file line without a custom_id (not JSON) gets the default."""
+        if self.id_column is None:
+            return default
+        value = data[self.id_column][j]
+        return default if value is None and self.raw else str(value)
 
     def payload(self, data: dict[str, list[Any]], j: int) -> tuple[Any, str | None]:
         bad = data.get(ERROR_COLUMN)
         if bad is not None and bad[j] is not None:  # a JSONL line that is no row (formats.py)
             return None, bad[j]
+        if self.raw:
+            return self._raw(data, j)
         t = self.templates
         if t is None and self.spec.image_column is None:  # the plain path: as before
             assert self.source is not None
@@ -57,6 +100,17 @@ class RowBuilder:
         if self.spec.image_column is not None:
             return self._with_image(msgs, data[self.spec.image_column][j])
         return msgs, None
+
+    def _raw(self, data: dict[str, list[Any]], j: int) -> tuple[Any, str | None]:
+        url, method, body = data["url"][j], data["method"][j], data["body"][j]
+        if url != self._url:
+            return None, (f"url {url} does not match task: {self.spec.task} ({self._url})")
+        if method not in (None, "POST"):
+            return None, f"method {method}: only POST lines can be sent"
+        doc = orjson.loads(body) if body is not None else None
+        if not isinstance(doc, dict):
+            return None, "body is not a JSON object"
+        return RawBody(doc), None
 
     def _with_image(self, msgs: list[dict[str, Any]], value: Any
                     ) -> tuple[Any, str | None]:

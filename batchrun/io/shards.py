@@ -26,11 +26,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchrun.api.rawbody import is_raw_input
 from batchrun.api.templates import template_columns
 from batchrun.errors import InputDataError, ResumeRefused, SpecError
 from batchrun.io import storage
 from batchrun.io.formats import RowFile, is_row_file, open_input
-from batchrun.io.rows import RowBuilder
+from batchrun.io.rows import RowBuilder, check_batch_file, first_url
 from batchrun.io.storage import commit_bytes, join
 from batchrun.spec import JobSpec
 
@@ -177,7 +178,10 @@ def validate_input(spec: JobSpec) -> list[str]:
                         "would read its results as input; choose an output folder outside it")
     files = input_files(spec)
     for path in files:
-        schema = _open(path).schema_arrow
+        pf = _open(path)
+        schema = pf.schema_arrow
+        if is_raw_input(spec):  # no prompt source: OpenAI batch input files
+            check_batch_file(spec, path, schema, first_url(pf))
         wanted = [(spec.prompt_column, "text"), (spec.messages_column, "messages")]
         wanted += [(spec.id_column, "any")] + [(c, "any") for c in spec.carry_columns]
         wanted += [(c, "any") for c in template_columns(spec)] + [(spec.image_column, "any")]
@@ -290,16 +294,17 @@ def iter_shard_rows(
 ) -> Iterator[list[RequestRow]]:
     """The shard's rows as ``RequestRow`` lists of at most ``batch_rows``, read lazily."""
     builder = RowBuilder(spec)  # a row's columns -> its request payload, or its error
-    cols = list(dict.fromkeys([*builder.columns, *([spec.id_column] if spec.id_column else []),
+    idc = builder.id_column  # spec.id_column, or a batch file's custom_id
+    cols = list(dict.fromkeys([*builder.columns, *([idc] if idc else []),
                                *spec.carry_columns]))
     pos = shard.start
     for batch in _batches(_open(shard.path), shard, cols, batch_rows):
         data = batch.to_pydict()
         out = []
         for j in range(batch.num_rows):
-            rid = data[spec.id_column][j] if spec.id_column else f"{shard.id_prefix}#{pos + j}"
+            rid = builder.row_id(data, j, f"{shard.id_prefix}#{pos + j}")
             msgs, err = builder.payload(data, j)
             carry = {c: data[c][j] for c in spec.carry_columns}
-            out.append(RequestRow(str(rid), msgs, err, carry))
+            out.append(RequestRow(rid, msgs, err, carry))
         pos += batch.num_rows
         yield out

@@ -234,6 +234,8 @@ class RowRunner:
         except RetryableError as e:  # invalid_output: paid for, kept if it is the last
             t.last, t.rejected = e, c
             return "retry" if t.attempt < self._spec.retry.max_attempts else "record"
+        if len(c.extra) == 1:  # a kind's own result fields (an embedding line of a batch file)
+            extra = {**c.extra[0], **extra}
         return self._record(
             row, started, response=c.text, finish_reason=c.finish_reason, attempts=t.attempt,
             wait_ms=t.wait * 1e3, **t.bill.fields(),

@@ -112,3 +112,65 @@ def test_a_jsonl_folder_runs_and_resumes(tmp_path: Path) -> None:
     bad = [r for r in t.to_pylist() if r["status"] == "error"]
     assert bad[0]["id"] == "a.jsonl#7" and bad[0]["error_type"] == "bad_row"
     assert stats["ok"] == 79 and again.rows_this_run == 0
+
+
+def _batch_file(path: Path, url: str, bodies: list[dict[str, Any]]) -> Path:
+    lines = [json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": b})
+             for i, b in enumerate(bodies)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_batch_file_for_another_endpoint_fails_before_ray(tmp_path: Path) -> None:
+    path = _batch_file(tmp_path / "b.jsonl", "/v1/embeddings", [{"input": "x"}])
+    spec = write_spec(tmp_path, input=str(path), prompt_column=None, id_column=None,
+                      carry_columns=[])
+    with pytest.raises(InputDataError, match=r"ask for /v1/embeddings, and task: chat") as e:
+        run_job(str(spec), RunOptions(progress=False))
+    assert e.value.exit_code == 2
+    _jsonl(tmp_path / "plain.jsonl", _rows(3))
+    spec = write_spec(tmp_path, input=str(tmp_path / "plain.jsonl"), prompt_column=None,
+                      id_column=None, carry_columns=[])
+    with pytest.raises(InputDataError, match="not an OpenAI batch input file"):
+        run_job(str(spec), RunOptions(progress=False))
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(180)
+def test_an_openai_batch_file_runs_online(tmp_path: Path) -> None:
+    bodies = [{"model": "gpt-4o", "messages": [{"role": "user", "content": f"hi {i}"}],
+               "max_tokens": 500, "temperature": 0} for i in range(20)]
+    path = _batch_file(tmp_path / "b.jsonl", "/v1/chat/completions", bodies)
+    with path.open("a") as f:
+        f.write(json.dumps({"custom_id": "odd", "method": "POST", "url": "/v1/embeddings",
+                            "body": {"input": "x"}}) + "\n{broken\n")
+    with start_in_thread(MockConfig()) as server:
+        spec = write_spec(tmp_path, input=str(path), prompt_column=None, id_column=None,
+                          carry_columns=[], endpoint={"base_url": server.base_url})
+        run_job(str(spec), RunOptions(progress=False))
+        stats = server.stats()
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "results").to_pylist()}
+    assert len(rows) == 22 and stats["ok"] == 20
+    assert all(rows[f"req-{i}"]["status"] == "ok" for i in range(20))
+    assert rows["req-3"]["model"] == "gpt-4.1-mini"  # the spec's model, priced as such
+    assert max(r["completion_tokens"] for r in rows.values() if r["status"] == "ok") <= 32
+    assert "does not match task: chat" in rows["odd"]["error_message"]
+    assert rows["b.jsonl#21"]["error_type"] == "bad_row"  # no custom_id: file#position
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(180)
+def test_an_embeddings_batch_file_runs_in_batch_mode(tmp_path: Path) -> None:
+    bodies = [{"model": "text-embedding-3-small", "input": f"text {i}", "dimensions": 8}
+              for i in range(10)]
+    path = _batch_file(tmp_path / "b.jsonl", "/v1/embeddings", bodies)
+    with start_in_thread(MockConfig(batch_delay_s=0.2)) as server:
+        spec = write_spec(tmp_path, input=str(path), prompt_column=None, id_column=None,
+                          carry_columns=[], task="embeddings", generation=None,
+                          model="text-embedding-3-small", mode="batch",
+                          batch={"poll_interval_s": 0.2},
+                          endpoint={"base_url": server.base_url})
+        run_job(str(spec), RunOptions(progress=False))
+    t = pq.read_table(tmp_path / "out" / "results")
+    assert t.num_rows == 10 and set(t["status"].to_pylist()) == {"ok"}
+    assert all(len(v) == 8 for v in t["embedding"].to_pylist())

@@ -17,8 +17,10 @@ import time
 from datetime import datetime
 from typing import Any
 
+import pyarrow as pa
+
 from batchrun.api.embeddings import share_tokens
-from batchrun.api.protocols import Completion, output_tokens
+from batchrun.api.protocols import Completion, kind_result_fields, output_tokens
 from batchrun.api.tokens import count_text_tokens
 from batchrun.errors import BudgetExhausted, FatalRequestError, RequestError
 from batchrun.io.shards import RequestRow
@@ -34,6 +36,13 @@ SPLIT_STATUS = frozenset({400, 413})  # the request as a whole refused: split it
 
 class GroupRunner(RowRunner):
     """A ``RowRunner`` that sends rows in groups (one request each)."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        # a fixed-size column (embedding with known dimensions) takes vectors of that size
+        # only: another size is that row's error, not a table that cannot be written
+        self._sizes = {f.name: f.type.list_size for f in kind_result_fields(self._kind, self._spec)
+                       if pa.types.is_fixed_size_list(f.type)}
 
     async def run_group(self, rows: list[RequestRow]) -> list[dict[str, Any] | None]:
         """One record (or None: left unsent) per row, in the rows' order."""
@@ -118,6 +127,13 @@ class GroupRunner(RowRunner):
                              error_message=str(t.last), attempts=t.attempt,
                              wait_ms=t.wait * 1e3) for r in rows]
 
+    def _wrong_size(self, fields: dict[str, Any]) -> str | None:
+        for name, size in self._sizes.items():
+            value = fields.get(name)
+            if value is not None and len(value) != size:
+                return f"{name} of {len(value)} values, not {size} (embedding.dimensions)"
+        return None
+
     async def _split(self, rows: list[RequestRow], started: datetime
                      ) -> list[dict[str, Any] | None]:
         half = len(rows) // 2
@@ -138,6 +154,12 @@ class GroupRunner(RowRunner):
         for row, tokens, fields in zip(rows, share_tokens(counts, c.prompt_tokens), c.extra,
                                        strict=True):
             usd_row = cost_usd(self._price, tokens, 0) if self._price else 0.0
+            if wrong := self._wrong_size(fields):
+                out.append(self._record(
+                    row, started, status="error", error_type="malformed_body",
+                    error_message=wrong, attempts=t.attempt, prompt_tokens=tokens,
+                    completion_tokens=0, total_tokens=tokens, cost_usd=usd_row))
+                continue
             out.append(self._record(
                 row, started, attempts=t.attempt, wait_ms=t.wait * 1e3, latency_ms=latency,
                 prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens,

@@ -62,6 +62,7 @@ class Worker:
         self._concurrency = concurrency
         self._key_box: list[Any] = [None]  # from run_shard: see _api_key
         self._schema = schema
+        self._fixed: pa.Schema | None = None  # see _table
         self._runner: RowRunner | None = None
         self._halted: str | None = None  # why the job stops, once it does
         # rows taken and not yet written by the driver: see feed.py
@@ -191,7 +192,14 @@ class Worker:
         self._cost += sum(r.get("cost_usd") or 0.0 for r in recs)
         self._metrics.observe(recs)
         self._metrics.set_in_flight(self._in_flight)
-        return pa.Table.from_pylist(recs, schema=self._schema)
+        if self._fixed is None:  # fixed-size lists (embeddings) built as lists, then cast:
+            # pyarrow converts numpy arrays into a list column ~15x faster
+            self._fixed = pa.schema([f.with_type(pa.list_(f.type.value_type))
+                                     if pa.types.is_fixed_size_list(f.type) else f
+                                     for f in self._schema])
+        if self._fixed.equals(self._schema):
+            return pa.Table.from_pylist(recs, schema=self._schema)
+        return pa.Table.from_pylist(recs, schema=self._fixed).cast(self._schema)
 
     async def run_shard(self, shard: Shard, skip: set[str], key_box: list[Any],
                         driver: DriverId | None = None, stream: str = ""

@@ -176,3 +176,15 @@ def test_batch_mode_embeddings(tmp_path: Path) -> None:
     np.testing.assert_allclose(ok[0]["embedding"], embedding_vector(text, 1536), rtol=1e-6)
     price = price_for(load_spec(tmp_path / "job.yaml"))
     assert ok[0]["cost_usd"] == cost_usd(price, ok[0]["prompt_tokens"], 0, batch=True)
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(180)
+def test_vectors_of_another_size_are_row_errors_not_a_lost_table(tmp_path: Path) -> None:
+    """The column is fixed at the model's 1536; a body field asks the provider for 8."""
+    with start_in_thread(MockConfig()) as server:
+        t = _job(tmp_path, [f"t {i}" for i in range(30)], server.base_url,
+                 generation={"max_tokens": 1, "extra_body": {"dimensions": 8}})
+    assert t.num_rows == 30 and set(t["error_type"].to_pylist()) == {"malformed_body"}
+    assert "8 values, not 1536" in t["error_message"][0].as_py()
+    assert t["cost_usd"][0].as_py() > 0  # answered, so billed

@@ -44,6 +44,25 @@ def _text_format(fields: dict[str, Any]) -> dict[str, Any]:
     return {**fields, "text": {"format": fmt}}
 
 
+def _input_part(part: Any) -> Any:
+    """A chat content part as the Responses API's: text -> input_text, image_url ->
+    input_image (its URL and detail); other parts pass through."""
+    if not isinstance(part, dict):
+        return part
+    if part.get("type") == "text":
+        return {"type": "input_text", "text": part.get("text")}
+    if part.get("type") == "image_url":
+        img = part.get("image_url") or {}
+        out = {"type": "input_image", "image_url": img.get("url")}
+        return {**out, "detail": img["detail"]} if img.get("detail") else out
+    return part
+
+
+def _input(messages: Messages) -> Messages:
+    return [{**m, "content": [_input_part(p) for p in m["content"]]}
+            if isinstance(m.get("content"), list) else m for m in messages]
+
+
 class ResponsesKind:
     task = "responses"
     path = "/responses"
@@ -66,7 +85,8 @@ class ResponsesKind:
         fields = _text_format(fields)
         system = [m["content"] for m in payload if m.get("role") == "system"]
         body: dict[str, Any] = {"model": spec.model,
-                                "input": [m for m in payload if m.get("role") != "system"],
+                                "input": _input([m for m in payload
+                                                 if m.get("role") != "system"]),
                                 "max_output_tokens": limit, **fields}
         if system:
             body["instructions"] = "\n\n".join(str(s) for s in system)

@@ -43,6 +43,9 @@ class GroupRunner(RowRunner):
         # only: another size is that row's error, not a table that cannot be written
         self._sizes = {f.name: f.type.list_size for f in kind_result_fields(self._kind, self._spec)
                        if pa.types.is_fixed_size_list(f.type)}
+        # every row's tokens are counted (each row's share of the bill): load the BPE table
+        # now, at the worker's setup, not in the first request (a second or two of CPU)
+        count_text_tokens("", self._spec.model)
 
     async def run_group(self, rows: list[RequestRow]) -> list[dict[str, Any] | None]:
         """One record (or None: left unsent) per row, in the rows' order."""

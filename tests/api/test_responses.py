@@ -114,3 +114,15 @@ def test_responses_structured_outputs_are_validated(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" for r in rows) and len(rows) == 60
     assert all(r["parsed"].startswith('{"label":') for r in rows)
     assert stats["ok"] > 60  # broken answers were refused and asked again
+
+
+def test_image_parts_become_input_image() -> None:
+    spec = _spec(image_column="img")
+    kind = kind_for(spec)
+    msgs = [{"role": "user", "content": [
+        {"type": "text", "text": "What is it?"},
+        {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}]}]
+    assert kind.body(spec, msgs, {"max_tokens": 5})["input"] == [{"role": "user", "content": [
+        {"type": "input_text", "text": "What is it?"},
+        {"type": "input_image", "image_url": "https://x/y.png", "detail": "low"}]}]
+    assert kind.prompt_tokens(msgs, spec.model) > 85

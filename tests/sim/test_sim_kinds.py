@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,6 +76,20 @@ def test_embeddings_are_rate_limited_by_tokens() -> None:
         assert s.stats()["by_outcome"].get("rate_limited", 0) >= 1
 
 
+def test_embeddings_and_responses_take_faults_as_chat_does() -> None:
+    with start_in_thread(MockConfig(fail_rate=1.0)) as s:
+        c = openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0, timeout=10)
+        with pytest.raises(openai.InternalServerError):
+            c.embeddings.create(model="text-embedding-3-small", input="hi")
+        with pytest.raises(openai.InternalServerError):
+            c.responses.create(model="gpt-4.1-mini", input="hi", max_output_tokens=5)
+        assert s.stats()["by_outcome"]["server_error"] == 2
+    with start_in_thread(MockConfig(api_key=KEY)) as s:
+        c = openai.OpenAI(base_url=s.base_url, api_key="wrong", max_retries=0, timeout=10)
+        with pytest.raises(openai.AuthenticationError):
+            c.embeddings.create(model="text-embedding-3-small", input="hi")
+
+
 def test_openai_responses_create(server: RunningServer) -> None:
     c = client(server)
     resp = c.responses.create(model="gpt-4.1-mini", instructions="Be brief.",
@@ -134,5 +147,4 @@ def test_batches_of_embeddings_and_responses() -> None:
         res = _batch(s, "/v1/responses", [{"model": "gpt-4.1-mini", "input": "hi",
                                            "max_output_tokens": 3}])
         assert res[0]["response"]["body"]["object"] == "response"
-        with urllib.request.urlopen(s.base_url.removesuffix("/v1") + "/_ledger/stats") as r:
-            assert json.loads(r.read())["by_outcome"]["ok"] == 3
+        assert s.stats()["by_outcome"]["ok"] == 3

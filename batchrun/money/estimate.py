@@ -35,7 +35,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from rich.console import Console
 
-from batchrun.api.protocols import RequestKind
+from batchrun.api.protocols import RequestKind, inputs_per_request, output_tokens
 from batchrun.api.registry import kind_for
 from batchrun.api.tokens import encoding_name_for
 from batchrun.errors import UserError
@@ -203,10 +203,11 @@ def _costs(
 
 
 def _duration(spec: JobSpec, requests: int, prompt: int) -> tuple[float, Literal["rpm", "tpm"]]:
-    by_rpm = requests / spec.limits.rpm
+    kind = kind_for(spec)  # embeddings: many rows a request, no output tokens
+    by_rpm = -(-requests // inputs_per_request(kind, spec)) / spec.limits.rpm
     if spec.limits.tpm is None:
         return by_rpm, "rpm"
-    by_tpm = (prompt + requests * spec.generation.max_tokens) / spec.limits.tpm
+    by_tpm = (prompt + requests * output_tokens(kind, spec)) / spec.limits.tpm
     return (by_tpm, "tpm") if by_tpm > by_rpm else (by_rpm, "rpm")
 
 
@@ -216,7 +217,7 @@ def _check_ratio(ratio: float) -> None:
 
 
 def _build(spec: JobSpec, st: _Stats, price: ModelPrice, ratio: float) -> Estimate:
-    requests, prompt, mt = st.requests(), st.tokens(), spec.generation.max_tokens
+    requests, prompt, mt = st.requests(), st.tokens(), output_tokens(kind_for(spec), spec)
     minutes, bound = _duration(spec, requests, prompt)
     online = _costs(price, prompt, requests, mt, ratio, batch=False)
     assert online is not None  # online prices always exist
@@ -266,6 +267,7 @@ def _compare_rows(
     priced = [
         (name, job_price if name == job_row and job_price else price_of_entry(name, name, e))
         for name, e in load_price_table().models.items()
+        if e.task == ("embeddings" if spec.task == "embeddings" else "chat")  # like for like
     ]
     if job_price is not None and job_price.table_name is None:
         priced.append((spec.model, job_price))

@@ -188,3 +188,18 @@ def test_vectors_of_another_size_are_row_errors_not_a_lost_table(tmp_path: Path)
     assert t.num_rows == 30 and set(t["error_type"].to_pylist()) == {"malformed_body"}
     assert "8 values, not 1536" in t["error_message"][0].as_py()
     assert t["cost_usd"][0].as_py() > 0  # answered, so billed
+
+
+def test_estimate_counts_requests_of_many_rows_and_no_output(tmp_path: Path) -> None:
+    from batchrun.money.estimate import estimate
+
+    texts = [f"text number {i}" for i in range(300)]
+    make_prompts(tmp_path / "in.parquet", 300, extra={"prompt": texts})
+    spec = load_spec(write_spec(tmp_path, task="embeddings", model=MODEL, generation=None,
+                                embedding={"inputs_per_request": 100},
+                                limits={"rpm": 6, "tpm": 10_000_000}))
+    est = estimate(spec)
+    prompt = sum(count_text_tokens(t, MODEL) for t in texts)
+    assert est.prompt_tokens == prompt and est.worst_output_tokens == 0
+    assert est.online.worst_usd == pytest.approx(cost_usd(price_for(spec), prompt, 0))
+    assert est.duration_minutes == pytest.approx(3 / 6)  # 3 requests of 100 rows at 6 rpm

@@ -24,6 +24,7 @@ import pyarrow as pa
 import ray
 from ray.job_config import JobConfig
 
+from batchrun.api.protocols import kind_result_fields
 from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.structured import Structured
 from batchrun.errors import BudgetExhausted, ClusterError, JobCannotSucceed, SpecError, UserError
@@ -245,6 +246,7 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     extra = [pa.field("batch_id", pa.string())] if spec.mode == "batch" else []
     extra += structured.result_fields() if structured else []
     extra += provider_for(spec).result_fields()  # Anthropic's cache-token columns
+    extra += kind_result_fields(kind_for(spec), spec)  # embeddings: the vector column
     store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra))
     store.check_writable()
     check_fingerprint(spec, files, force=opts.force,

@@ -23,6 +23,7 @@ from batchrun.errors import SecretError, SpecError
 __all__ = [
     "BatchSettings",
     "BudgetSpec",
+    "EmbeddingSpec",
     "EndpointSpec",
     "GenerationSpec",
     "JobSpec",
@@ -256,6 +257,13 @@ class ResponseFormatSpec(_Model):
         return self
 
 
+class EmbeddingSpec(_Model):  # task: embeddings: rows packed into POST /v1/embeddings
+    dimensions: int | None = Field(None, gt=0, description="Vector size asked for; passed on.")
+    inputs_per_request: int = Field(128, ge=1, le=2048, description="Rows one request carries.")
+    encoding_format: Literal["base64", "float"] = Field(
+        "base64", description="How vectors travel: base64 (compact; decoded here) or float.")
+
+
 class BatchSettings(_Model):
     completion_window: str = Field("24h", description="Provider completion window.")
     max_requests_per_file: int = Field(50_000, gt=0, description="Requests per JSONL file.")
@@ -273,7 +281,7 @@ class JobSpec(_Model):
     input: str = Field(..., description="Parquet file, folder or glob; may use {ds}.")
     task: str = Field(
         "chat", description="The request kind, one of api/registry.py's KINDS: chat "
-        "(chat completions).")
+        "(chat completions), embeddings, responses (the Responses API).")
     prompt_column: str | None = Field(None, description="Column of plain-text prompts.")
     messages_column: str | None = Field(
         None, description="Column of chat messages: a list of {role, content}."
@@ -282,6 +290,9 @@ class JobSpec(_Model):
         None, description="Column of unique row ids; default: file name + row position."
     )
     system_prompt: str | None = Field(None, description="System message put before each prompt.")
+    prompt_template: str | None = Field(None, description="Jinja2 prompt of the row's columns.")
+    image_column: str | None = Field(None, description="Column of image URLs or bytes.")
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec, description="embeddings.")  # type: ignore[arg-type]
     carry_columns: list[str] = Field(
         default_factory=list, description="Input columns copied into the results."
     )
@@ -317,10 +328,19 @@ class JobSpec(_Model):
             raise ValueError("use letters, digits, '.', '_' or '-' (at most 64), e.g. nightly-tags")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _embeddings_generation(cls, data: Any) -> Any:
+        # an embedding has no output: generation (and its max_tokens) is optional there
+        if isinstance(data, dict) and data.get("task") == "embeddings":
+            return {**data, "generation": {"max_tokens": 1, **(data.get("generation") or {})}}
+        return data
+
     @model_validator(mode="after")
     def _one_prompt_source(self) -> JobSpec:
-        if (self.prompt_column is None) == (self.messages_column is None):
-            raise ValueError("give exactly one of prompt_column or messages_column")
+        given = [self.prompt_column, self.messages_column, self.prompt_template]
+        if sum(x is not None for x in given) > 1:  # none: an OpenAI batch input file
+            raise ValueError("give one of prompt_column, messages_column or prompt_template")
         return self
 
     @model_validator(mode="after")

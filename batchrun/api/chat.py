@@ -19,19 +19,34 @@ __all__ = ["ChatKind"]
 Messages = list[dict[str, Any]]
 
 
+def _content(value: Any) -> Any:
+    """A message's content: text, or a list of parts (text, image_url, input_audio, file)
+    passed through, less the null fields a Parquet struct gives the parts it lacks."""
+    if isinstance(value, list):
+        return [_strip(p) for p in value]
+    return value
+
+
+def _strip(part: Any) -> Any:
+    if isinstance(part, dict):
+        return {k: _strip(v) for k, v in part.items() if v is not None}
+    return part
+
+
 class ChatKind:
     task = "chat"
     path = "/chat/completions"
 
     def payload(self, spec: JobSpec, value: Any) -> tuple[Messages | None, str | None]:
-        if spec.prompt_column is not None:
+        if spec.messages_column is None:  # a prompt column's or a template's text
             if not isinstance(value, str) or not value.strip():
                 return None, "empty prompt" if isinstance(value, str) else "null prompt"
             msgs = [{"role": "user", "content": value}]
         else:
             if not value:
                 return None, "null or empty messages"
-            msgs = [{"role": m.get("role"), "content": m.get("content")} for m in value]
+            msgs = [{"role": m.get("role"), "content": _content(m.get("content"))}
+                    for m in value]
             if any(not isinstance(m["role"], str) or m["content"] is None for m in msgs):
                 return None, "a message without role or content"
         if spec.system_prompt:

@@ -13,6 +13,11 @@
 
 Online mode (``online/``) and batch mode (``batch/``) both go through them, so a new
 kind or provider is one module and one line in ``api/registry.py``.
+
+A kind may also define (read through the functions below, with chat's defaults):
+``inputs_per_request(spec)`` rows one request carries (embeddings: many; the engine then
+groups rows), ``output_tokens(spec)`` the worst-case output a request reserves (default
+``generation.max_tokens``) and ``result_fields(spec)`` its own result columns.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import pyarrow as pa
 from batchrun.errors import RequestError
 from batchrun.spec import JobSpec
 
-__all__ = ["Completion", "Provider", "RequestKind"]
+__all__ = ["Completion", "Provider", "RequestKind", "inputs_per_request", "kind_result_fields",
+           "output_tokens"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class Completion:
     total_tokens: int
     cache_creation_tokens: int = 0  # of prompt_tokens: written to a prompt cache (Anthropic)
     cache_read_tokens: int = 0  # of prompt_tokens: read from a prompt cache
+    # result fields per input of a request that carries several (embeddings: one vector
+    # each, in input order); empty for a one-row answer
+    extra: tuple[dict[str, Any], ...] = ()
 
 
 class RequestKind(Protocol):
@@ -100,3 +109,21 @@ class Provider(Protocol):
                      kind: RequestKind) -> Completion | RequestError:
         """What a batch output line says of its row: an answer, or the error."""
         ...
+
+
+def inputs_per_request(kind: RequestKind, spec: JobSpec) -> int:
+    """Rows one request of ``kind`` carries: 1 unless the kind says otherwise."""
+    fn = getattr(kind, "inputs_per_request", None)
+    return int(fn(spec)) if fn is not None else 1
+
+
+def output_tokens(kind: RequestKind, spec: JobSpec) -> int:
+    """The output tokens one request may bill, for TPM and the budget's worst case."""
+    fn = getattr(kind, "output_tokens", None)
+    return int(fn(spec)) if fn is not None else spec.generation.max_tokens
+
+
+def kind_result_fields(kind: RequestKind, spec: JobSpec) -> list[pa.Field]:
+    """The kind's own result columns (embeddings: ``embedding``), after the fixed ones."""
+    fn = getattr(kind, "result_fields", None)
+    return list(fn(spec)) if fn is not None else []

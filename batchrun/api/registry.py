@@ -11,9 +11,12 @@ from typing import TypeVar
 
 from batchrun.api.anthropic import AnthropicProvider
 from batchrun.api.chat import ChatKind
+from batchrun.api.embeddings import EmbeddingsKind
 from batchrun.api.gemini import GeminiProvider
 from batchrun.api.openai import OpenAIProvider
 from batchrun.api.protocols import Provider, RequestKind
+from batchrun.api.rawbody import RawBodyKind, is_raw_input
+from batchrun.api.responses import ResponsesKind
 from batchrun.errors import SpecError
 from batchrun.spec import JobSpec
 
@@ -22,15 +25,30 @@ T = TypeVar("T")
 __all__ = ["KINDS", "PROVIDERS", "kind_for", "provider_for"]
 
 KINDS: dict[str, RequestKind] = {ChatKind.task: ChatKind()}
+KINDS[EmbeddingsKind.task] = EmbeddingsKind()
+KINDS[ResponsesKind.task] = ResponsesKind()
 PROVIDERS: dict[str, Provider] = {OpenAIProvider.api: OpenAIProvider(),
                                   AnthropicProvider.api: AnthropicProvider(),
                                   GeminiProvider.api: GeminiProvider()}
 
 
 def kind_for(spec: JobSpec) -> RequestKind:
-    """The request kind of the spec's ``task``, as the spec's provider speaks it; an
-    unknown one (or one the provider does not serve) is a spec error."""
-    return provider_for(spec).adapt(_known(KINDS, spec.task, "task"), spec)
+    """The request kind of the spec's ``task``, as the spec's provider speaks it; an unknown
+    one, one the provider does not serve, or a spec holding fields the kind cannot send (its
+    optional ``check_spec``), is a spec error."""
+    provider = provider_for(spec)
+    kind = _known(KINDS, spec.task, "task")
+    if is_raw_input(spec):  # no prompt source: the lines of an OpenAI batch input file
+        if provider.api != OpenAIProvider.api:  # its bodies are in OpenAI's shape
+            raise SpecError(f"an OpenAI batch input file runs on endpoint.api: openai, not "
+                            f"{provider.api}; name a prompt source (prompt_column, "
+                            "messages_column or prompt_template) instead")
+        kind = RawBodyKind(kind)
+    kind = provider.adapt(kind, spec)
+    check = getattr(kind, "check_spec", None)
+    if check is not None:
+        check(spec)
+    return kind
 
 
 def provider_for(spec: JobSpec) -> Provider:

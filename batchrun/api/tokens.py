@@ -59,4 +59,16 @@ def count_chat_tokens(messages: list[dict[str, Any]], model: str = "gpt-4.1") ->
             value = m.get(key)
             if isinstance(value, str):
                 n += len(enc.encode_ordinary(value))
+            elif isinstance(value, list):  # content parts: text, images (OpenAI's rule)
+                n += _parts_tokens(enc, value)
+    return n
+
+
+def _parts_tokens(enc: Any, parts: list[Any]) -> int:
+    from batchrun.api.images import part_tokens
+
+    n = 0
+    for p in parts:
+        text = p.get("text") if isinstance(p, dict) else None
+        n += len(enc.encode_ordinary(text)) if isinstance(text, str) else part_tokens(p)
     return n

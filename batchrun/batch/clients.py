@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from batchrun.api.registry import kind_for
 from batchrun.batch.anthropic import MAX_BATCH_BYTES, MAX_BATCH_REQUESTS, MessageBatches
 from batchrun.batch.gemini import MAX_INLINE_BYTES, GeminiBatches
 from batchrun.batch.provider import BatchProvider, MetadataFn
@@ -98,4 +99,5 @@ def batch_client(spec: JobSpec, api_key: str | None, folder: Path) -> BatchClien
     if spec.endpoint.api == "gemini":
         return GeminiBatches(spec.endpoint, api_key, spec.retry, folder=folder,
                              model=spec.model)
-    return BatchProvider(spec.endpoint, api_key, spec.retry)  # type: ignore[return-value]
+    return BatchProvider(spec.endpoint, api_key, spec.retry,  # type: ignore[return-value]
+                         kind=kind_for(spec))  # its lines' url: the task's endpoint

@@ -89,7 +89,8 @@ class _Recorder:
                 "total_tokens": c.total_tokens, "cost_usd": self.cost(c),
                 # columns only where the provider has them (its result_fields)
                 "cache_creation_tokens": c.cache_creation_tokens,
-                "cache_read_tokens": c.cache_read_tokens}
+                "cache_read_tokens": c.cache_read_tokens,
+                **(c.extra[0] if len(c.extra) == 1 else {})}  # a kind's own (embedding)
 
     def ok(self, row: RequestRow, c: Completion, extra: dict[str, Any]) -> dict[str, Any]:
         return self.base(row, status="ok", latency_ms=self.latency_ms, **self.answer(c),

@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from batchrun.api.registry import provider_for
+from batchrun.api.protocols import kind_result_fields
+from batchrun.api.registry import kind_for, provider_for
 from batchrun.batch.clients import BatchClient, batch_client, require_batch_api
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
 from batchrun.batch.plan import Planner
@@ -333,7 +334,8 @@ def run_batch_job(spec: JobSpec, *, wait: bool = True, retry_errors: bool = Fals
     record_plan(spec, files)  # chunks name rows by shard: every later run must see the same
     shards = plan_shards(spec, files)
     extra = [pa.field("batch_id", pa.string()), *(extra_fields or []),
-             *provider_for(spec).result_fields()]
+             *provider_for(spec).result_fields(),
+             *kind_result_fields(kind_for(spec), spec)]  # embeddings: the vector
     store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra=extra))
 
     async def main() -> BatchOutcome:

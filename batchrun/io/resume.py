@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from batchrun.errors import InputDataError, ResumeRefused
 from batchrun.io import storage
+from batchrun.io.formats import content_sha256, is_row_file, open_input
 from batchrun.io.shards import input_root
 from batchrun.io.storage import commit_bytes, join
 from batchrun.spec import JobSpec
@@ -65,6 +66,9 @@ class Fingerprint(BaseModel):
 
 
 def _footer_hash(path: str) -> tuple[int, str]:
+    if is_row_file(path):  # JSONL/CSV: no footer; the content stands for it
+        return open_input(path).metadata.num_rows, content_sha256(
+            lambda: pa.input_stream(path, compression="detect"))
     meta = storage.read_footer(path)
     digest = hashlib.sha256(meta.schema.to_arrow_schema().serialize().to_pybytes())
     for i in range(meta.num_row_groups):
@@ -86,6 +90,11 @@ def fingerprint(spec: JobSpec, files: list[str],
     fields = spec.model_dump(include=set(_REQUEST_FIELDS), mode="json")
     if spec.task != "chat":  # other kinds ask other questions; chat outputs keep their hash
         fields["task"] = spec.task
+    if spec.task == "embeddings":
+        fields["embedding"] = spec.embedding.model_dump(mode="json")
+    for name in ("prompt_template", "image_column"):  # only when set: old hashes hold
+        if getattr(spec, name) is not None:
+            fields[name] = getattr(spec, name)
     if schema is not None:  # the resolved schema: an edited schema file or model counts
         fields["resolved_schema"] = schema
     sha = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -95,7 +104,8 @@ def fingerprint(spec: JobSpec, files: list[str],
 
 def _difference(old: Fingerprint, new: Fingerprint) -> str | None:
     if old.request_sha256 != new.request_sha256:
-        changed = [k for k in (*_REQUEST_FIELDS, "resolved_schema")
+        changed = [k for k in (*_REQUEST_FIELDS, "resolved_schema", "task", "embedding",
+                               "prompt_template", "image_column")
                    if old.request_fields.get(k) != new.request_fields.get(k)]
         return f"request fields changed ({', '.join(changed)})"
     if len(old.inputs) != len(new.inputs) or not all(
@@ -139,7 +149,7 @@ def check_fingerprint(spec: JobSpec, files: list[str], *, force: bool,
 def _hashes(files: list[str], column: str) -> np.ndarray:
     parts = []
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[column]):
+        for batch in open_input(f).iter_batches(batch_size=65536, columns=[column]):
             parts.append(np.fromiter((hash(str(v)) for v in batch.column(0).to_pylist()),
                                      dtype=np.int64, count=batch.num_rows))
     return np.concatenate(parts) if parts else np.empty(0, np.int64)
@@ -154,7 +164,7 @@ def find_duplicate_ids(files: list[str], column: str, limit: int = 5) -> list[st
     seen: set[str] = set()
     dups: list[str] = []
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[column]):
+        for batch in open_input(f).iter_batches(batch_size=65536, columns=[column]):
             for v in batch.column(0).to_pylist():
                 s = str(v)
                 if hash(s) not in suspects:

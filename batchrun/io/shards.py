@@ -26,9 +26,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrun.api.registry import kind_for
+from batchrun.api.rawbody import is_raw_input
+from batchrun.api.templates import template_columns
 from batchrun.errors import InputDataError, ResumeRefused, SpecError
 from batchrun.io import storage
+from batchrun.io.formats import RowFile, is_row_file, open_input
+from batchrun.io.rows import RowBuilder, check_batch_file, first_url
 from batchrun.io.storage import commit_bytes, join
 from batchrun.spec import JobSpec
 
@@ -86,7 +89,7 @@ def carry_schema(spec: JobSpec, shards: list[Shard]) -> pa.Schema | None:
     if not spec.carry_columns:
         return None
     # an empty input has no shards, but its files still have the columns' types
-    schema = pq.read_schema(shards[0].path if shards else input_files(spec)[0])
+    schema = _open(shards[0].path if shards else input_files(spec)[0]).schema_arrow
     return pa.schema([schema.field(c) for c in spec.carry_columns])
 
 
@@ -97,12 +100,15 @@ def input_files(spec: JobSpec) -> list[str]:
         files = sorted(f for f in glob.glob(src, recursive=True) if os.path.isfile(f))
     elif os.path.isdir(src):
         files = sorted(str(p) for p in Path(src).rglob("*.parquet") if p.is_file())
+        files = files or sorted(str(p) for p in Path(src).rglob("*")  # no Parquet: JSONL/CSV
+                                if p.is_file() and is_row_file(p.name))
     elif os.path.isfile(src):
         files = [src]
     else:
         raise InputDataError(f"input: {src}: no such file or folder; check the path in the spec")
     if not files:
-        raise InputDataError(f"input: {src}: holds no Parquet files (*.parquet)")
+        raise InputDataError(f"input: {src}: holds no Parquet files (*.parquet), nor JSONL "
+                             "or CSV files (*.jsonl, *.jsonl.gz, *.csv)")
     return files
 
 
@@ -117,9 +123,9 @@ def input_root(spec: JobSpec) -> str:
 _root_of = input_root  # the name ops/submit.py imports
 
 
-def _open(path: str) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(path)
+def _open(path: str) -> pq.ParquetFile | RowFile:
+    try:  # Parquet, or a JSONL/CSV file read alike (formats.py), by the name's ending
+        return open_input(path)
     except (OSError, pa.ArrowInvalid) as e:
         raise InputDataError(f"input: {path}: not a readable Parquet file ({e})") from e
 
@@ -172,9 +178,13 @@ def validate_input(spec: JobSpec) -> list[str]:
                         "would read its results as input; choose an output folder outside it")
     files = input_files(spec)
     for path in files:
-        schema = _open(path).schema_arrow
+        pf = _open(path)
+        schema = pf.schema_arrow
+        if is_raw_input(spec):  # no prompt source: OpenAI batch input files
+            check_batch_file(spec, path, schema, first_url(pf))
         wanted = [(spec.prompt_column, "text"), (spec.messages_column, "messages")]
         wanted += [(spec.id_column, "any")] + [(c, "any") for c in spec.carry_columns]
+        wanted += [(c, "any") for c in template_columns(spec)] + [(spec.image_column, "any")]
         for name, kind in wanted:
             if name is None:
                 continue
@@ -188,7 +198,7 @@ def validate_input(spec: JobSpec) -> list[str]:
     return files
 
 
-def _file_shards(pf: pq.ParquetFile, shard_rows: int) -> Iterator[tuple[int, int]]:
+def _file_shards(pf: pq.ParquetFile | RowFile, shard_rows: int) -> Iterator[tuple[int, int]]:
     """Row ranges of one file: whole row groups packed up to ``shard_rows``, big ones split."""
     start = pos = 0
     for i in range(pf.metadata.num_row_groups):
@@ -259,7 +269,8 @@ def plan_shards(spec: JobSpec, files: list[str] | None = None) -> list[Shard]:
     return shards
 
 
-def _batches(pf: pq.ParquetFile, shard: Shard, cols: list[str], n: int) -> Iterator[pa.RecordBatch]:
+def _batches(pf: pq.ParquetFile | RowFile, shard: Shard, cols: list[str], n: int
+             ) -> Iterator[pa.RecordBatch]:
     """Record batches covering exactly the shard's rows, reading only the row groups it spans."""
     groups, first, pos = [], None, 0
     for i in range(pf.metadata.num_row_groups):
@@ -282,19 +293,18 @@ def iter_shard_rows(
     spec: JobSpec, shard: Shard, batch_rows: int = 1024
 ) -> Iterator[list[RequestRow]]:
     """The shard's rows as ``RequestRow`` lists of at most ``batch_rows``, read lazily."""
-    source = spec.prompt_column or spec.messages_column
-    assert source is not None
-    kind = kind_for(spec)  # a row's value -> its request payload, or the row's error
-    cols = list(dict.fromkeys([source, *([spec.id_column] if spec.id_column else []),
+    builder = RowBuilder(spec)  # a row's columns -> its request payload, or its error
+    idc = builder.id_column  # spec.id_column, or a batch file's custom_id
+    cols = list(dict.fromkeys([*builder.columns, *([idc] if idc else []),
                                *spec.carry_columns]))
     pos = shard.start
     for batch in _batches(_open(shard.path), shard, cols, batch_rows):
         data = batch.to_pydict()
         out = []
-        for j, value in enumerate(data[source]):
-            rid = data[spec.id_column][j] if spec.id_column else f"{shard.id_prefix}#{pos + j}"
-            msgs, err = kind.payload(spec, value)
+        for j in range(batch.num_rows):
+            rid = builder.row_id(data, j, f"{shard.id_prefix}#{pos + j}")
+            msgs, err = builder.payload(data, j)
             carry = {c: data[c][j] for c in spec.carry_columns}
-            out.append(RequestRow(str(rid), msgs, err, carry))
+            out.append(RequestRow(rid, msgs, err, carry))
         pos += batch.num_rows
         yield out

@@ -234,8 +234,15 @@ def commit_bytes(where: Where, data: bytes, *, fs: FS = None) -> None:
 def commit_table(where: Where, table: pa.Table, *, fs: FS = None) -> None:
     """One Parquet file holding ``table`` (its schema's key-value metadata too)."""
     def write(f: BinaryIO) -> None:
-        pq.write_table(table, f)
+        # no dictionary for float vectors (embeddings): it is 10x the cost and larger
+        pq.write_table(table, f, use_dictionary=[
+            x.name for x in table.schema if not _is_vector(x.type)])
     commit(where, write, fs=fs)
+
+
+def _is_vector(typ: pa.DataType) -> bool:
+    return (pa.types.is_list(typ) or pa.types.is_fixed_size_list(typ)) and (
+        pa.types.is_floating(typ.value_type))
 
 
 def check_writable(folder: Where, *, fs: FS = None) -> None:

@@ -35,7 +35,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from rich.console import Console
 
-from batchrun.api.protocols import RequestKind
+from batchrun.api.protocols import RequestKind, inputs_per_request, output_tokens
 from batchrun.api.registry import kind_for
 from batchrun.api.tokens import encoding_name_for
 from batchrun.errors import UserError
@@ -204,11 +204,13 @@ def _costs(
     )
 
 
-def _duration(spec: JobSpec, requests: int, prompt: int) -> tuple[float, Bound]:
-    """Minutes at the binding limit. Output is counted at max_tokens (the worst case: the
+def _duration(spec: JobSpec, rows: int, prompt: int) -> tuple[float, Bound]:
+    """Minutes at the binding limit. Output is counted at its worst case (max_tokens; the
     limiter gives unused output back, so an output_tpm-bound job often runs faster)."""
-    lim, out = spec.limits, requests * spec.generation.max_tokens
-    bounds: list[tuple[float, Bound]] = [(requests / lim.rpm, "rpm")]
+    kind = kind_for(spec)  # embeddings: many rows a request, no output tokens
+    lim, out = spec.limits, rows * output_tokens(kind, spec)
+    bounds: list[tuple[float, Bound]] = [(-(-rows // inputs_per_request(kind, spec)) / lim.rpm,
+                                          "rpm")]
     for limit, tokens, name in ((lim.tpm, prompt + out, "tpm"), (lim.input_tpm, prompt,
                                 "input_tpm"), (lim.output_tpm, out, "output_tpm")):
         if limit:
@@ -222,7 +224,7 @@ def _check_ratio(ratio: float) -> None:
 
 
 def _build(spec: JobSpec, st: _Stats, price: ModelPrice, ratio: float) -> Estimate:
-    requests, prompt, mt = st.requests(), st.tokens(), spec.generation.max_tokens
+    requests, prompt, mt = st.requests(), st.tokens(), output_tokens(kind_for(spec), spec)
     minutes, bound = _duration(spec, requests, prompt)
     online = _costs(price, prompt, requests, mt, ratio, batch=False)
     assert online is not None  # online prices always exist
@@ -272,6 +274,7 @@ def _compare_rows(
     priced = [
         (name, job_price if name == job_row and job_price else price_of_entry(name, name, e))
         for name, e in load_price_table().models.items()
+        if e.task == ("embeddings" if spec.task == "embeddings" else "chat")  # like for like
     ]
     if job_price is not None and job_price.table_name is None:
         priced.append((spec.model, job_price))

@@ -82,6 +82,8 @@ class TableEntry(_Strict):
         default=False, description="Only one blended figure is published (input = output)."
     )
     aliases: list[str] = Field(default_factory=list, description="Other names of this model.")
+    task: Literal["chat", "embeddings"] = Field(
+        default="chat", description="What the model does: chat (and responses), embeddings.")
     as_of: str = Field(..., description="When the figures were taken (YYYY-MM).")
     source: str = Field(..., description="Where the figures were published.")
 

@@ -131,7 +131,7 @@ class RowRunner:
                         **(structured.request_fields() if structured else {})}
         self._kind = kind_for(spec)
         # input and output tokens limited apart: reserve max_tokens, give back the unused
-        self._split = bool(spec.limits.input_tpm or spec.limits.output_tpm)
+        self._io_windows = bool(spec.limits.input_tpm or spec.limits.output_tpm)
         # One breaker per worker (its rows share this runner). on_trip(reason) stops the
         # job: the worker tells the limiter, which refuses every worker's next lease.
         self.breaker = Breaker(spec.retry.breaker_requests)
@@ -143,10 +143,10 @@ class RowRunner:
         limited, the pair (input, max_tokens) when input and output are limited apart,
         else one request) and, with a budget, its worst-case USD."""
         spec = self._spec
-        need_tokens = bool(spec.limits.tpm) or self._split or self._budgeted
+        need_tokens = bool(spec.limits.tpm) or self._io_windows or self._budgeted
         prompt = self._kind.prompt_tokens(payload, spec.model) if need_tokens else 0
         cost: Cost = float(prompt + spec.generation.max_tokens) if spec.limits.tpm else 1.0
-        if self._split:
+        if self._io_windows:
             cost = (float(prompt), float(spec.generation.max_tokens))
         usd = (worst_case_usd(self._price, prompt, spec.generation.max_tokens,
                               margin=DEFAULT_MARGIN)
@@ -170,7 +170,7 @@ class RowRunner:
     def _give_back(self, key: float, used: int | None) -> None:
         """The output tokens the slot reserved and the answer did not use (``used`` None:
         no answer, and none billed) go back to the output-TPM window."""
-        if self._split:
+        if self._io_windows:
             self._permits.release(key, self._spec.generation.max_tokens - min(
                 used or 0, self._spec.generation.max_tokens))
 
@@ -260,6 +260,8 @@ class RowRunner:
         except RetryableError as e:  # invalid_output: paid for, kept if it is the last
             t.last, t.rejected = e, c
             return "retry" if t.attempt < self._spec.retry.max_attempts else "record"
+        if len(c.extra) == 1:  # a kind's own result fields (an embedding line of a batch file)
+            extra = {**c.extra[0], **extra}
         return self._record(
             row, started, response=c.text, finish_reason=c.finish_reason, attempts=t.attempt,
             wait_ms=t.wait * 1e3, **t.bill.fields(),

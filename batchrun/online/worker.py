@@ -25,16 +25,18 @@ import pyarrow as pa
 import ray
 
 from batchrun.api.client import ApiClient, open_session
+from batchrun.api.protocols import inputs_per_request
 from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
 from batchrun.errors import ClusterError
-from batchrun.io.shards import Shard, iter_shard_rows
+from batchrun.io.shards import RequestRow, Shard, iter_shard_rows
 from batchrun.limits.limiter import SLOT_VALIDITY_S, limiter_name
 from batchrun.limits.permits import LeaseAnswer, PermitPool
 from batchrun.money.pricing import price_for
 from batchrun.online.engine import RowRunner
 from batchrun.online.feed import Feed, Room
+from batchrun.online.grouped import GroupRunner
 from batchrun.online.lifeline import DriverId, driver_exit
 from batchrun.online.metrics import JobMetrics
 from batchrun.spec import JobSpec
@@ -60,10 +62,13 @@ class Worker:
         self._concurrency = concurrency
         self._key_box: list[Any] = [None]  # from run_shard: see _api_key
         self._schema = schema
+        self._fixed: pa.Schema | None = None  # see _table
         self._runner: RowRunner | None = None
         self._halted: str | None = None  # why the job stops, once it does
         # rows taken and not yet written by the driver: see feed.py
-        self._room = Room(2 * spec.flush_rows + concurrency)
+        # a kind whose requests carry several rows (embeddings) has lanes that hold as many
+        self._per_request = inputs_per_request(kind_for(spec), spec)
+        self._room = Room(2 * spec.flush_rows + concurrency * self._per_request)
         self._feeds: dict[str, Feed] = {}  # by stream name, until their tables are written
         self._in_flight = 0
         self._done = 0
@@ -100,8 +105,9 @@ class Worker:
         def on_trip(reason: str) -> None:  # a provider may echo the key in its message
             self._halt(redact(reason, key))
 
-        return RowRunner(spec, client, self._permits, pause_all=self._pause_all, price=price,
-                         on_trip=on_trip, budgeted=self._budgeted, structured=self._structured)
+        cls = GroupRunner if hasattr(self._kind, "inputs_per_request") else RowRunner
+        return cls(spec, client, self._permits, pause_all=self._pause_all, price=price,
+                   on_trip=on_trip, budgeted=self._budgeted, structured=self._structured)
 
     async def _lease(self, costs: list[Any], usd: list[float] | None,
                      settle: list[tuple[float, float]], spare: tuple[int, Any],
@@ -142,12 +148,41 @@ class Worker:
             else:
                 feed.put(rec)
 
+    async def _group_lane(self, runner: GroupRunner, feed: Feed, gather: asyncio.Lock
+                          ) -> None:
+        """A lane of a kind whose request carries several rows: it gathers up to that many
+        (fewer at the shard's end; one lane at a time, so requests go out full), sends
+        them as one request, and puts a record per row."""
+        while True:
+            async with self._sem:
+                rows: list[RequestRow] = []
+                async with gather:
+                    while len(rows) < self._per_request:
+                        if (row := await feed.next_row()) is None:
+                            break
+                        rows.append(row)
+                if not rows:
+                    return
+                self._in_flight += 1
+                try:
+                    recs = await runner.run_group(rows)
+                finally:
+                    self._in_flight -= 1
+            for rec in recs:
+                if rec is None:
+                    feed.drop()
+                else:
+                    feed.put(rec)
+
     async def _feed(self, feed: Feed) -> None:
         runner = await self._setup()
+        gather = asyncio.Lock()
         try:
             async with asyncio.TaskGroup() as tg:
                 for _ in range(self._concurrency):
-                    tg.create_task(self._lane(runner, feed))
+                    tg.create_task(self._group_lane(runner, feed, gather)
+                                   if isinstance(runner, GroupRunner) else
+                                   self._lane(runner, feed))
             await self._permits.flush()  # the shard's last settlements
         finally:
             feed.ready.set()
@@ -158,7 +193,14 @@ class Worker:
         self._cost += sum(r.get("cost_usd") or 0.0 for r in recs)
         self._metrics.observe(recs)
         self._metrics.set_in_flight(self._in_flight)
-        return pa.Table.from_pylist(recs, schema=self._schema)
+        if self._fixed is None:  # fixed-size lists (embeddings) built as lists, then cast:
+            # pyarrow converts numpy arrays into a list column ~15x faster
+            self._fixed = pa.schema([f.with_type(pa.list_(f.type.value_type))
+                                     if pa.types.is_fixed_size_list(f.type) else f
+                                     for f in self._schema])
+        if self._fixed.equals(self._schema):
+            return pa.Table.from_pylist(recs, schema=self._schema)
+        return pa.Table.from_pylist(recs, schema=self._fixed).cast(self._schema)
 
     async def run_shard(self, shard: Shard, skip: set[str], key_box: list[Any],
                         driver: DriverId | None = None, stream: str = ""

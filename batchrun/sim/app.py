@@ -1,9 +1,11 @@
 """The aiohttp application of the simulated provider.
 
-Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` and the test
-judge ``GET /_ledger``, ``GET /_ledger/stats``, ``POST /_ledger/reset``. All state lives
-in one ``MockState`` under ``app[STATE]`` (``state.py``), which the Batch API routes of
-``batches.py`` share: the limiter, the ledger and the clock.
+Routes: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``POST /v1/responses``
+(``kinds.py`` says what each answers; ``kind_handler`` serves them), ``GET /v1/models``,
+``GET /health`` and the test judge ``GET /_ledger``, ``GET /_ledger/stats``,
+``POST /_ledger/reset``. All state lives in one ``MockState`` under ``app[STATE]``
+(``state.py``), which the Batch API routes of ``batches.py`` share: the limiter, the
+ledger and the clock.
 
 The chat handler decides everything (auth, validation, storm, limits, fault, answer)
 without awaiting, records the decision in the ledger, and only then sleeps for the
@@ -27,6 +29,7 @@ from batchrun.sim.anthropic import add_anthropic_routes
 from batchrun.sim.batches import add_batch_routes
 from batchrun.sim.config import MockConfig
 from batchrun.sim.gemini import add_gemini_routes
+from batchrun.sim.kinds import ROUTES, SimRoute
 from batchrun.sim.ledger import prompt_key
 from batchrun.sim.limits import Decision
 from batchrun.sim.protocol import (
@@ -56,6 +59,8 @@ def build_app(config: MockConfig, *, clock: Callable[[], float] = time.monotonic
     for model in config.models:
         count_chat_tokens([{"role": "user", "content": "warm up"}], model)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    for url in ("/v1/embeddings", "/v1/responses"):
+        app.router.add_post(url, kind_handler(ROUTES[url]))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/_ledger", ledger_records)
@@ -222,3 +227,53 @@ async def ledger_stats(request: web.Request) -> web.Response:
 async def ledger_reset(request: web.Request) -> web.Response:
     request.app[STATE].reset()
     return web.json_response({"reset": True})
+
+
+def kind_handler(route: SimRoute) -> Callable[[web.Request], Any]:
+    """The handler of another route of ``kinds.py``, decided as chat's is: auth, parse,
+    unknown model, storm and limits (weighed at prompt + max output tokens), fault, answer;
+    recorded in the ledger before any await."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        if state.auth is not None and request.headers.get("Authorization") != state.auth:
+            state.ledger.record(state.now(), 401, "unauthorized", "", 0, 0, "", False)
+            return _error(401, "Incorrect API key provided.", "invalid_request_error",
+                          "invalid_api_key")
+        try:
+            req = route.parse(json.loads(await request.read()))
+        except (ValueError, BadRequest) as exc:
+            state.ledger.record(state.now(), 400, "bad_request", "", 0, 0, "", False)
+            if isinstance(exc, BadRequest):
+                return _error(400, exc.message, "invalid_request_error", None, exc.param)
+            return _error(400, "We could not parse the JSON body of your request.",
+                          "invalid_request_error")
+        now, model = state.now(), req.model
+        if model in state.unknown_models:
+            state.ledger.record(now, 404, "model_not_found", "", 0, 0, model, False)
+            return _error(404, f"The model `{model}` does not exist or you do not have "
+                          "access to it.", "invalid_request_error", "model_not_found")
+        key, ptok = route.key(req), route.prompt_tokens(req)
+        refused = _refusal(state, now, ptok + route.max_output(req))
+        headers = state.limiter.headers(now) if state.limiter.enabled else {}
+        if refused is not None:
+            state.ledger.record(now, 429, refused[0], key, ptok, 0, model, False)
+            return _rate_limited(refused[1], headers, model)
+        seq, cfg = len(state.ledger), state.config
+        fault = faults.draw_fault(cfg, seq) if cfg.any_faults else None
+        ans = route.answer(req, key, ptok, cfg, seq, f"{state.nonce}{seq:x}", int(time.time()))
+        status = _status_of(cfg, fault, seq)
+        state.ledger.record(now, status, fault or "ok", key, ptok,
+                            ans.completion_tokens if status == 200 else 0, model, True)
+        if cfg.latency_ms or cfg.latency_jitter_ms:
+            await asyncio.sleep(faults.latency_s(cfg, seq))
+        if fault == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            raise web.HTTPInternalServerError()
+        if status != 200:
+            return _server_error(fault, status, headers)
+        body = ans.body[: len(ans.body) // 2] if fault == "malformed" else ans.body
+        return web.Response(body=body, content_type=_JSON, headers=headers)
+
+    return handle

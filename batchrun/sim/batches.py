@@ -7,7 +7,7 @@ A batch lives through the real status life cycle, spread over ``batch_delay_s``:
                   in_progress -> expired    (every ``batch_expire_every``-th: half answered)
     any open   -> cancelling -> cancelled   (POST /v1/batches/{id}/cancel)
 
-Each line is answered by the same code as an online request (``protocol.answer_request``)
+Each line is answered by the same code as an online request (``kinds.ROUTES`` by its url)
 and billed with the same tokenizer. The ledger gets one record per batch creation
 (outcome ``batch_created``, key = the input file id) and one per answered line (``ok``,
 or ``server_error`` for the ``batch_line_error_rate`` share), so tests can prove each
@@ -31,16 +31,12 @@ from typing import Any
 
 from aiohttp import web
 
-from batchrun.api.tokens import count_chat_tokens
 from batchrun.sim import ledger as ledger_mod
 from batchrun.sim.faults import unit
-from batchrun.sim.ledger import prompt_key
+from batchrun.sim.kinds import ROUTES
 from batchrun.sim.protocol import (
     BadRequest,
-    answer_request,
-    completion_body,
     error_body,
-    parse_chat_request,
 )
 from batchrun.sim.quotas import over_quota
 from batchrun.sim.state import STATE, MockState
@@ -48,7 +44,6 @@ from batchrun.sim.state import STATE, MockState
 __all__ = ["BATCHES", "BATCH_OUTCOMES", "BatchStore", "add_batch_routes"]
 
 BATCH_OUTCOMES = ("batch_created",)
-_CHAT_URL = "/v1/chat/completions"
 _LINE_ERROR_SALT = 4  # fault draws: 0-2 transport faults, 3 structured answers
 
 
@@ -215,8 +210,8 @@ def _check_create(store: BatchStore, body: Any) -> web.Response | None:
     if body.get("input_file_id") not in store.files:
         return _error(400, f"Invalid 'input_file_id': {body.get('input_file_id')!r}.",
                       param="input_file_id")
-    if body.get("endpoint") != _CHAT_URL:
-        return _error(400, "Invalid 'endpoint': only /v1/chat/completions is simulated.",
+    if body.get("endpoint") not in ROUTES:
+        return _error(400, f"Invalid 'endpoint': one of {', '.join(ROUTES)}.",
                       param="endpoint")
     if body.get("completion_window") != "24h":
         return _error(400, "Invalid 'completion_window': expected '24h'.",
@@ -344,27 +339,25 @@ def _result_line(cid: str, status: int | None, body: Any, error: Any = None) -> 
 def _answer_line(state: MockState, doc: dict[str, Any]) -> tuple[str, bool]:
     """One request line answered like an online request and billed: (line, ok)."""
     cid, now, cfg = doc["custom_id"], state.now(), state.config
+    route = ROUTES[doc["url"]]  # the batch's endpoint, checked by _validate_lines
     try:
-        chat = parse_chat_request(doc.get("body"))
+        req = route.parse(doc.get("body"))
     except BadRequest as e:
         state.ledger.record(now, 400, "bad_request", "", 0, 0, "", False)
         return _result_line(cid, 400, json.loads(error_body(
             e.message, "invalid_request_error", None, e.param))), False
-    key = prompt_key(chat.messages)
-    ptok = count_chat_tokens(chat.messages, chat.model)
+    key, ptok = route.key(req), route.prompt_tokens(req)
     seq = len(state.ledger)
     if unit(cfg.seed, seq, _LINE_ERROR_SALT) < cfg.batch_line_error_rate:
-        state.ledger.record(now, 500, "server_error", key, ptok, 0, chat.model, False)
+        state.ledger.record(now, 500, "server_error", key, ptok, 0, req.model, False)
         if unit(cfg.seed, seq, _LINE_ERROR_SALT + 1) < 0.5:  # both shapes OpenAI uses
             return _result_line(cid, 500, json.loads(error_body(
                 "The server had an error processing your request.", "server_error"))), False
         return _result_line(cid, None, None, {"code": "server_error",
                                               "message": "The server had an error."}), False
-    content, ctok, finish = answer_request(chat, key, config=cfg, seq=seq)
-    state.ledger.record(now, 200, "ok", key, ptok, ctok, chat.model, False)
-    body = completion_body(f"chatcmpl-{state.nonce}{seq:x}", int(time.time()), chat.model,
-                           content, finish, ptok, ctok)
-    return _result_line(cid, 200, json.loads(body)), True
+    ans = route.answer(req, key, ptok, cfg, seq, f"{state.nonce}{seq:x}", int(time.time()))
+    state.ledger.record(now, 200, "ok", key, ptok, ans.completion_tokens, req.model, False)
+    return _result_line(cid, 200, json.loads(ans.body)), True
 
 
 def _answer(state: MockState, b: _Batch, lines: list[dict[str, Any]]) -> None:

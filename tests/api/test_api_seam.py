@@ -89,4 +89,5 @@ def test_openai_headers_carry_the_key_only_in_authorization():
 
 
 def test_registry_has_one_entry_per_kind_and_provider():
-    assert set(KINDS) == {"chat"} and set(PROVIDERS) == {"openai", "anthropic", "gemini"}
+    assert set(KINDS) == {"chat", "embeddings", "responses"}
+    assert set(PROVIDERS) == {"openai", "anthropic", "gemini"}

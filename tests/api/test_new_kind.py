@@ -111,5 +111,5 @@ def test_a_registered_kind_is_sent_parsed_and_judged_through_the_seam(toy_kind):
 
 
 def test_an_unknown_task_is_one_spec_error_naming_the_known_ones():
-    with pytest.raises(SpecError, match="task: unknown 'embeddings'; use one of: chat"):
-        registry.kind_for(_spec("embeddings"))
+    with pytest.raises(SpecError, match="task: unknown 'audio'; use one of: chat, embeddings"):
+        registry.kind_for(_spec("audio"))

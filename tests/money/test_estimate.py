@@ -171,7 +171,8 @@ def test_compare_ranks_every_model_cheapest_first(tmp_path: Path) -> None:
                      price={"input_per_1m": 0.01, "output_per_1m": 0.02})  # fmt: skip
     rows = compare(spec)
     names = [r.model for r in rows]
-    assert set(names) == {*load_price_table().models, "my-llama"}
+    chat = {n for n, e in load_price_table().models.items() if e.task == "chat"}
+    assert set(names) == {*chat, "my-llama"}  # a chat job is not compared with embedders
     assert [r.expected_usd for r in rows] == sorted(r.expected_usd for r in rows)
     assert rows[0].model == "my-llama" and rows[0].is_job_model
     assert all(r.monthly_usd == pytest.approx(30 * r.expected_usd) for r in rows)

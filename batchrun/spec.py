@@ -24,6 +24,7 @@ __all__ = [
     "BatchSettings",
     "BudgetSpec",
     "EndpointSpec",
+    "EngineSpec",
     "GenerationSpec",
     "JobSpec",
     "LimitsSpec",
@@ -182,7 +183,8 @@ class GenerationSpec(_Model):
 
 
 class LimitsSpec(_Model):
-    rpm: int = Field(..., gt=0, description="Requests per minute, for the whole job.")
+    rpm: int | None = Field(None, gt=0, description="Requests per minute, for the whole job "
+                            "(required, unless `engine:` is set: its capacity is the limit).")
     tpm: int | None = Field(
         None, gt=0, description="Tokens per minute (prompt estimate + max_tokens), whole job."
     )
@@ -206,10 +208,61 @@ class RetrySpec(_Model):
 
 
 class PriceSpec(_Model):
-    input_per_1m: float = Field(..., ge=0, description="USD per 1M input tokens.")
-    output_per_1m: float = Field(..., ge=0, description="USD per 1M output tokens.")
+    input_per_1m: float | None = Field(None, ge=0, description="USD per 1M input tokens.")
+    output_per_1m: float | None = Field(None, ge=0, description="USD per 1M output tokens.")
     batch_input_per_1m: float | None = Field(None, ge=0, description="Batch API input price.")
     batch_output_per_1m: float | None = Field(None, ge=0, description="Batch API output price.")
+    gpu_hour_usd: float | None = Field(
+        None, ge=0, description="Self-hosted (`engine:`): USD per GPU hour; the job's cost is "
+        "its replicas' GPU time, and tokens cost nothing.")
+
+    @model_validator(mode="after")
+    def _token_prices(self) -> PriceSpec:
+        if self.gpu_hour_usd is None and (self.input_per_1m is None or self.output_per_1m is None):
+            raise ValueError("give input_per_1m and output_per_1m (or gpu_hour_usd with engine:)")
+        return self
+
+
+class EngineSpec(_Model):
+    """A self-hosted engine batchrun starts on the cluster (docs/engines.md)."""
+
+    command: str = Field(..., description="The server's command line; {model}, {model_path}, "
+                         "{port} (required) and {host} are filled in per replica.")
+    model_path: str | None = Field(None, description="Local folder of the weights ({model_path}).")
+    replicas: int = Field(1, ge=1, description="Servers to start, one per placement-group bundle.")
+    resources: dict[str, float] = Field(
+        default_factory=lambda: {"GPU": 1.0}, description="Per replica, e.g. {GPU: 1, CPU: 8}.")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement-group strategy of the replicas' bundles.")
+    max_concurrency_per_replica: int = Field(128, gt=0, description="Requests in flight per "
+                                             "replica, over all workers.")
+    startup_timeout_s: float = Field(900.0, gt=0, description="Seconds a replica may take to "
+                                     "become ready.")
+    health_path: str = Field("/health", description="GET path that answers 200 when ready.")
+    preflight: bool = Field(False, description="Check the reserved GPUs (commcheck's per-GPU "
+                            "health) before any model loads.")
+
+    @field_validator("command")
+    @classmethod
+    def _needs_port(cls, v: str) -> str:
+        if "{port}" not in v:
+            raise ValueError("has no {port} placeholder; batchrun picks a free port per replica: "
+                             "add e.g. --port {port}")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(x < 0 for x in v.values()) or not any(x > 0 for x in v.values()):
+            raise ValueError("give each replica's resources, e.g. {GPU: 1, CPU: 8}")
+        return v
+
+    @model_validator(mode="after")
+    def _preflight_needs_gpus(self) -> EngineSpec:
+        if self.preflight and not self.resources.get("GPU"):
+            raise ValueError("preflight: true checks GPUs, and resources asks for none; add "
+                             "GPU to resources or remove preflight")
+        return self
 
 
 class BudgetSpec(_Model):
@@ -284,7 +337,8 @@ class JobSpec(_Model):
     )
     model: str = Field(..., description="Model name sent to the provider.")
     generation: GenerationSpec = Field(..., description="Chat-completion parameters.")
-    limits: LimitsSpec = Field(..., description="Provider limits for the whole job.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec,  # type: ignore[arg-type]
+                               description="Provider limits for the whole job.")
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Retry policy.")  # type: ignore[arg-type]
     workers: int = Field(2, ge=1, description="Number of worker actors.")
     shard_rows: int = Field(10_000, ge=1, description="Rows per shard (Parquet row groups).")
@@ -302,6 +356,8 @@ class JobSpec(_Model):
     response_format: ResponseFormatSpec | None = Field(
         None, description="Structured output: answers validated against a JSON Schema."
     )
+    engine: EngineSpec | None = Field(
+        None, description="Start self-hosted servers on the cluster (docs/engines.md).")
 
     @field_validator("name")
     @classmethod
@@ -314,6 +370,20 @@ class JobSpec(_Model):
     def _one_prompt_source(self) -> JobSpec:
         if (self.prompt_column is None) == (self.messages_column is None):
             raise ValueError("give exactly one of prompt_column or messages_column")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_or_limits(self) -> JobSpec:
+        if self.engine is None and self.limits.rpm is None:
+            raise ValueError("limits.rpm: required field is missing; add it (only a job with "
+                             "engine: may leave it out)")
+        if self.engine is not None and self.mode == "batch":
+            raise ValueError("engine: cannot be used with mode: batch (a self-hosted engine "
+                             "has no Batch API); use mode: online")
+        if (self.engine is None and isinstance(self.price, PriceSpec)
+                and self.price.input_per_1m is None):
+            raise ValueError("price.gpu_hour_usd prices an engine: job; give input_per_1m "
+                             "and output_per_1m for an endpoint")
         return self
 
     def with_date(self, ds: date | str) -> JobSpec:

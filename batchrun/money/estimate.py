@@ -203,7 +203,8 @@ def _costs(
 
 
 def _duration(spec: JobSpec, requests: int, prompt: int) -> tuple[float, Literal["rpm", "tpm"]]:
-    by_rpm = requests / spec.limits.rpm
+    # an engine: job has no rpm (its replicas' capacity is the limit): no rpm bound
+    by_rpm = requests / spec.limits.rpm if spec.limits.rpm else 0.0
     if spec.limits.tpm is None:
         return by_rpm, "rpm"
     by_tpm = (prompt + requests * spec.generation.max_tokens) / spec.limits.tpm
@@ -238,7 +239,7 @@ def _build(spec: JobSpec, st: _Stats, price: ModelPrice, ratio: float) -> Estima
         price=price,
         online=online,
         batch=_costs(price, prompt, requests, mt, ratio, batch=True),
-        rpm=spec.limits.rpm,
+        rpm=spec.limits.rpm or 0,
         tpm=spec.limits.tpm,
         duration_minutes=minutes,
         duration_bound=bound,

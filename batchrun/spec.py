@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from batchrun.engine_spec import EngineSpec, engine_problem
 from batchrun.errors import SecretError, SpecError
 
 __all__ = [
@@ -223,48 +224,6 @@ class PriceSpec(_Model):
         return self
 
 
-class EngineSpec(_Model):
-    """A self-hosted engine batchrun starts on the cluster (docs/engines.md)."""
-
-    command: str = Field(..., description="The server's command line; {model}, {model_path}, "
-                         "{port} (required) and {host} are filled in per replica.")
-    model_path: str | None = Field(None, description="Local folder of the weights ({model_path}).")
-    replicas: int = Field(1, ge=1, description="Servers to start, one per placement-group bundle.")
-    resources: dict[str, float] = Field(
-        default_factory=lambda: {"GPU": 1.0}, description="Per replica, e.g. {GPU: 1, CPU: 8}.")
-    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Placement-group strategy of the replicas' bundles.")
-    max_concurrency_per_replica: int = Field(128, gt=0, description="Requests in flight per "
-                                             "replica, over all workers.")
-    startup_timeout_s: float = Field(900.0, gt=0, description="Seconds a replica may take to "
-                                     "become ready.")
-    health_path: str = Field("/health", description="GET path that answers 200 when ready.")
-    preflight: bool = Field(False, description="Check the reserved GPUs (commcheck's per-GPU "
-                            "health) before any model loads.")
-
-    @field_validator("command")
-    @classmethod
-    def _needs_port(cls, v: str) -> str:
-        if "{port}" not in v:
-            raise ValueError("has no {port} placeholder; batchrun picks a free port per replica: "
-                             "add e.g. --port {port}")
-        return v
-
-    @field_validator("resources")
-    @classmethod
-    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
-        if not v or any(x < 0 for x in v.values()) or not any(x > 0 for x in v.values()):
-            raise ValueError("give each replica's resources, e.g. {GPU: 1, CPU: 8}")
-        return v
-
-    @model_validator(mode="after")
-    def _preflight_needs_gpus(self) -> EngineSpec:
-        if self.preflight and not self.resources.get("GPU"):
-            raise ValueError("preflight: true checks GPUs, and resources asks for none; add "
-                             "GPU to resources or remove preflight")
-        return self
-
-
 class BudgetSpec(_Model):
     max_cost_usd: float | None = Field(None, gt=0, description="Hard cap for this job, USD.")
     daily_usd: float | None = Field(
@@ -374,16 +333,8 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _engine_or_limits(self) -> JobSpec:
-        if self.engine is None and self.limits.rpm is None:
-            raise ValueError("limits.rpm: required field is missing; add it (only a job with "
-                             "engine: may leave it out)")
-        if self.engine is not None and self.mode == "batch":
-            raise ValueError("engine: cannot be used with mode: batch (a self-hosted engine "
-                             "has no Batch API); use mode: online")
-        if (self.engine is None and isinstance(self.price, PriceSpec)
-                and self.price.input_per_1m is None):
-            raise ValueError("price.gpu_hour_usd prices an engine: job; give input_per_1m "
-                             "and output_per_1m for an endpoint")
+        if problem := engine_problem(self.engine, self.mode, self.limits.rpm, self.price):
+            raise ValueError(problem)
         return self
 
     def with_date(self, ds: date | str) -> JobSpec:

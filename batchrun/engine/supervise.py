@@ -14,6 +14,7 @@ SIGTERM first, SIGKILL after GRACE_S. Exits with the engine's code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -57,11 +58,9 @@ def main(argv: list[str]) -> int:
     while not stop.is_set() and child.poll() is None:
         stop.wait(0.2)
     code = child.poll()
-    try:  # the actor reads this into its log; gone (the lifeline closed), nobody does
-        print(f"[batchrun] engine {'exited with code ' + str(code) if code is not None else 'stopped'}",
-              flush=True)
-    except OSError:
-        pass
+    what = "stopped" if code is None else f"exited with code {code}"
+    with contextlib.suppress(OSError):  # the actor's log; gone (the lifeline closed): none
+        print(f"[batchrun] engine {what}", flush=True)
     _end_group(child, grace_s)
     return code if code is not None else 0
 

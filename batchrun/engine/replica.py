@@ -76,8 +76,9 @@ class EngineReplica:
                 "node_id": self._node, "generation": self._generation, "error": self._error,
                 "pid": self._proc.pid if self._proc else None}
 
-    def _log(self, line: str) -> None:
-        self._tail.append(line)
+    def _log(self, line: str, tail: bool = True) -> None:
+        if tail:  # the tail quoted in errors holds the server's own lines
+            self._tail.append(line)
         print(f"[{self._name}] {line}", flush=True)  # the actor's Ray log
 
     def _tail_text(self) -> str:
@@ -97,7 +98,9 @@ class EngineReplica:
                     misses = 0
                     await self._watch(http)
                 elif self._generation == 0 or misses + 1 >= MAX_RESTART_FAILURES:
+                    await asyncio.to_thread(self._kill)
                     self._state = "failed"
+                    self._log(self._error or "failed")
                     return
                 else:
                     misses += 1
@@ -114,7 +117,8 @@ class EngineReplica:
 
     def _spawn(self, port: int) -> None:
         argv = command_args(self._engine, model=self._model, host=self._host, port=port)
-        self._log(f"starting on {self._host}:{port}: {' '.join(argv)}")
+        self._tail.clear()
+        self._log(f"starting on {self._host}:{port}: {' '.join(argv)}", tail=False)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "batchrun.engine.supervise", str(STOP_GRACE_S), "--", *argv],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -190,3 +190,30 @@ def test_more_gpus_than_the_cluster_has_is_refused_before_reserving(cluster: Clu
     assert "asks for 4 GPU (2 replicas x 2) and the cluster has 2" in err
     assert "Traceback" not in err
     assert processes_with(str(tmp_path)) == []
+
+
+def test_max_cost_usd_caps_gpu_time(cluster: Cluster, tmp_path: Path):
+    # 2 replicas x 1 GPU at $360/h: $0.20 a second; an $8 cap leaves ~24 s of sending after
+    # the reservation (the cap is charged 16 s ahead: the next check and the stop)
+    spec = engine_job(tmp_path, 20_000, {"command": engine_command(tmp_path, "--latency-ms 50"),
+                                         "resources": {"CPU": 1, "GPU": 1}},
+                      price={"gpu_hour_usd": 360.0}, budget={"max_cost_usd": 8.0})
+    rc, _, err = run_driver(spec, cluster.address)
+    assert rc == 4, err[-3000:]  # budget exhausted
+    s = summary_of(tmp_path)
+    assert s["budget_exhausted"] and 0 < s["rows"] < 20_000 and s["unsent"] == 20_000 - s["rows"]
+    assert s["engine"]["cost_usd"] <= 8.0
+    assert processes_with(str(tmp_path)) == []
+
+
+def test_preflight_without_a_usable_gpu_fails_naming_the_replica(cluster: Cluster,
+                                                                 tmp_path: Path):
+    # the cluster's GPUs are declared, not real: commcheck's check must say so, early
+    spec = engine_job(tmp_path, 20, {"command": engine_command(tmp_path), "preflight": True,
+                                     "resources": {"CPU": 1, "GPU": 1}})
+    rc, _, err = run_driver(spec, cluster.address)
+    assert rc == 5, err[-3000:]
+    assert "preflight" in err and "engine-0" in err and "GPU" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.glob("ledger-*")) == []  # no server was started
+    assert processes_with(str(tmp_path)) == []

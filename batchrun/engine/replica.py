@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 import ray
 
+from batchrun.engine import supervise
 from batchrun.engine.plan import command_args
 from batchrun.spec import EngineSpec
 
@@ -120,7 +121,9 @@ class EngineReplica:
         self._tail.clear()
         self._log(f"starting on {self._host}:{port}: {' '.join(argv)}", tail=False)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "batchrun.engine.supervise", str(STOP_GRACE_S), "--", *argv],
+            # by file, not -m: the script needs only the standard library, and the node's
+            # python may import another batchrun (or none) than this actor's
+            [sys.executable, supervise.__file__, str(STOP_GRACE_S), "--", *argv],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         out = self._proc.stdout

@@ -1,4 +1,5 @@
-"""``python -m batchrun.engine.supervise GRACE_S -- CMD ...``: one engine's process tree.
+"""``python supervise.py GRACE_S -- CMD ...``: one engine's process tree (standard library
+only: the replica runs this file by its path).
 
 The replica actor starts this in a session (process group) of its own, with a pipe as
 stdin that only the actor holds. This starts the engine in the same group and ends the

@@ -204,6 +204,17 @@ def test_max_cost_usd_caps_gpu_time(cluster: Cluster, tmp_path: Path):
     assert s["budget_exhausted"] and 0 < s["rows"] < 20_000 and s["unsent"] == 20_000 - s["rows"]
     assert s["engine"]["cost_usd"] <= 8.0
     assert processes_with(str(tmp_path)) == []
+    # resume, as with an endpoint: the rerun (no cap, fewer rows' worth of latency) sends
+    # only the rows left, and every row ends with one result
+    engine_job(tmp_path, 20_000, {"command": engine_command(tmp_path, "--latency-ms 5"),
+                                  "resources": {"CPU": 1, "GPU": 1}},
+               price={"gpu_hour_usd": 360.0})
+    rc, _, err = run_driver(spec, cluster.address, timeout=280)
+    assert rc == 0, err[-3000:]
+    again = summary_of(tmp_path)
+    assert again["rows"] == 20_000 and again["rows_this_run"] == 20_000 - s["rows"]
+    ids = Counter(r["id"] for r in _results(tmp_path))
+    assert len(ids) == 20_000 and max(ids.values()) == 1
 
 
 def test_preflight_without_a_usable_gpu_fails_naming_the_replica(cluster: Cluster,
@@ -217,3 +228,27 @@ def test_preflight_without_a_usable_gpu_fails_naming_the_replica(cluster: Cluste
     assert "Traceback" not in err
     assert list(tmp_path.glob("ledger-*")) == []  # no server was started
     assert processes_with(str(tmp_path)) == []
+
+
+def test_a_replica_that_stops_answering_is_restarted(cluster: Cluster, tmp_path: Path):
+    # SIGSTOP: the process lives, holds its port and answers nothing (a hung server)
+    spec = engine_job(tmp_path, 1500, {"command": engine_command(tmp_path, "--latency-ms 60")})
+    p = start_driver(spec, cluster.address)
+    try:
+        wait_for(lambda: sum(len(r) for r in ledgers(tmp_path).values()) >= 100, 120,
+                 "the job to be under way")
+        victim_file = sorted(ledgers(tmp_path))[0]
+        servers = [pid for pid, cmd in processes_with(str(tmp_path / victim_file))
+                   if "mock-server" in cmd and "supervise" not in cmd and "env " not in cmd]
+        assert len(servers) == 1, servers
+        os.kill(servers[0], signal.SIGSTOP)
+        out, err = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, err[-3000:]
+    assert "health checks failed in a row; restarting" in out + err
+    ids = Counter(r["id"] for r in _results(tmp_path))
+    assert len(ids) == 1500 and max(ids.values()) == 1
+    # its rows in flight were retried on the other replica once the hung server was ended
+    assert processes_with(str(tmp_path)) == []  # the stopped process too (SIGKILL)

@@ -195,6 +195,7 @@ class EngineReplica:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGCONT)  # a hung (stopped) server handles it too
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(STOP_GRACE_S + 2)
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -303,7 +303,7 @@ def _run_online(job: _Job, spec: JobSpec, key: str | None, opts: RunOptions,
     ray_s, started_ray = _connect(opts, spec)
     run.ray_s = ray_s if started_ray else None
     actors: JobActors | None = None
-    fleet = Fleet(spec) if spec.engine is not None else None
+    fleet = Fleet(spec, spec.workers * WORKER_CPUS) if spec.engine is not None else None
     try:
         if fleet is not None:  # replicas first: workers route to them from their first row
             fleet.start()

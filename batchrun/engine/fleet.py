@@ -57,8 +57,9 @@ def _actor_options(engine: EngineSpec) -> dict[str, Any]:
 
 
 class Fleet:
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, worker_cpus: float = 0.0):
         assert spec.engine is not None
+        self._worker_cpus = worker_cpus
         self._spec, self._engine = spec, spec.engine
         self.replicas: list[Any] = []
         self._pg: Any = None
@@ -70,7 +71,7 @@ class Fleet:
     def check_fits(self) -> None:
         """Exit 2 before reserving anything when the replicas cannot fit this cluster."""
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        problem = check_fits(self._engine, ray.cluster_resources(), nodes)
+        problem = check_fits(self._engine, ray.cluster_resources(), nodes, self._worker_cpus)
         if problem:
             raise UserError(problem)
 

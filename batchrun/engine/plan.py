@@ -57,9 +57,10 @@ def _fmt(x: float) -> str:
 
 
 def check_fits(engine: EngineSpec, total: dict[str, float],
-               nodes: list[dict[str, float]]) -> str | None:
+               nodes: list[dict[str, float]], worker_cpus: float = 0.0) -> str | None:
     """Why the replicas cannot fit this cluster (``total``: its resources, ``nodes``: each
-    alive node's), or None. One line, naming what exists."""
+    alive node's), or None. One line, naming what exists. ``worker_cpus``: what the job's
+    workers need besides (else they would wait forever behind the engine's bundles)."""
     for res, per in engine.resources.items():
         need = per * engine.replicas
         have = total.get(res, 0.0)
@@ -67,6 +68,10 @@ def check_fits(engine: EngineSpec, total: dict[str, float],
             return (f"engine.resources asks for {_fmt(need)} {res} ({engine.replicas} replicas x "
                     f"{_fmt(per)}) and the cluster has {_fmt(have)}; lower engine.replicas or "
                     f"engine.resources.{res}")
+        if res == "CPU" and need + worker_cpus > have:
+            return (f"engine.resources asks for {_fmt(need)} CPU ({engine.replicas} replicas x "
+                    f"{_fmt(per)}) and the job's workers {_fmt(worker_cpus)} more; the cluster "
+                    f"has {_fmt(have)}; lower engine.resources.CPU, engine.replicas or workers")
         biggest = max((n.get(res, 0.0) for n in nodes), default=0.0)
         if per > biggest:
             return (f"engine.resources.{res}: one replica asks for {_fmt(per)} and the largest "

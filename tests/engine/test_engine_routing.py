@@ -101,6 +101,10 @@ def test_check_fits_names_what_the_cluster_has():
     assert msg is not None and "largest node has 2" in msg
     msg = check_fits(_engine(replicas=2, resources={"CPU": 1, "accel": 1}), {"CPU": 8.0}, [node])
     assert msg is not None and "accel" in msg and "has 0" in msg
+    cpu = _engine(replicas=2, resources={"CPU": 2})
+    assert check_fits(cpu, {"CPU": 6.0}, [node], worker_cpus=2.0) is None
+    msg = check_fits(cpu, {"CPU": 5.0}, [node], worker_cpus=2.0)
+    assert msg is not None and "workers 2 more; the cluster has 5" in msg
 
 
 def test_gpu_cost_per_rows_and_tokens():

@@ -58,9 +58,12 @@ class EngineSpec(_Model):
         return self
 
 
-def engine_problem(engine: EngineSpec | None, mode: str, rpm: int | None,
-                   price: Any) -> str | None:
-    """What is wrong with a job spec's engine (or its lack): one line, or None."""
+def engine_problem(job: Any) -> str | None:
+    """What is wrong with a ``JobSpec``'s engine (or its lack): one line, or None."""
+    engine, mode, rpm, price = job.engine, job.mode, job.limits.rpm, job.price
+    if engine is not None and job.simulate is not None:
+        return ("engine: and simulate: cannot both be set (the engine is the server); "
+                "remove one")
     if engine is None and rpm is None:
         return "limits.rpm: required field is missing; add it (only a job with engine: may " \
                "leave it out)"

@@ -333,7 +333,7 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _engine_or_limits(self) -> JobSpec:
-        if problem := engine_problem(self.engine, self.mode, self.limits.rpm, self.price):
+        if problem := engine_problem(self):
             raise ValueError(problem)
         return self
 

@@ -73,6 +73,11 @@ def test_preflight_needs_gpus_in_resources(tmp_path: Path):
     assert "preflight: true checks GPUs" in msg
 
 
+def test_engine_with_simulate(tmp_path: Path):
+    assert "engine: and simulate: cannot both be set" in _cli_error(
+        _spec(tmp_path, {}, simulate={"latency_ms": 1}))
+
+
 def test_gpu_hour_price_without_engine(tmp_path: Path):
     msg = _cli_error(_spec(tmp_path, None, limits={"rpm": 60}, price={"gpu_hour_usd": 2.0}))
     assert "price.gpu_hour_usd prices an engine: job" in msg

@@ -80,7 +80,9 @@ class EngineReplica:
     def _log(self, line: str, tail: bool = True) -> None:
         if tail:  # the tail quoted in errors holds the server's own lines
             self._tail.append(line)
-        print(f"[{self._name}] {line}", flush=True)  # the actor's Ray log
+        # the actor's Ray log: stderr, which the driver shows on its stderr, so that
+        # `batchrun run --json` keeps stdout for the summary
+        print(f"[{self._name}] {line}", file=sys.stderr, flush=True)
 
     def _tail_text(self) -> str:
         return " | ".join(self._tail) or "(no output)"

@@ -27,6 +27,8 @@ from ray.job_config import JobConfig
 from batchrun.api.protocols import kind_result_fields
 from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.structured import Structured
+from batchrun.engine.fleet import Fleet
+from batchrun.engine.plan import GpuUsage, check_model_path, gpu_cost
 from batchrun.errors import BudgetExhausted, ClusterError, JobCannotSucceed, SpecError, UserError
 from batchrun.io.resume import check_fingerprint, refuse_duplicates
 from batchrun.io.shards import Shard, carry_schema, plan_shards, record_plan, validate_input
@@ -112,7 +114,10 @@ def _connect(opts: RunOptions, spec: JobSpec) -> tuple[float, bool]:
         kwargs["address"] = address
     else:  # "local": a new Ray of our own, even if a `ray start` cluster runs here
         kwargs["address"] = "local"
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, int(spec.workers * WORKER_CPUS))
+        engine_cpus = (spec.engine.replicas * spec.engine.resources.get("CPU", 0.0)
+                       if spec.engine else 0.0)  # an engine's bundles hold CPUs too
+        kwargs["num_cpus"] = max(os.cpu_count() or 1,
+                                 int(spec.workers * WORKER_CPUS + engine_cpus))
         kwargs["include_dashboard"] = opts.include_dashboard
     try:
         ray.init(**kwargs)
@@ -120,6 +125,18 @@ def _connect(opts: RunOptions, spec: JobSpec) -> tuple[float, bool]:
         raise ClusterError(f"cannot start or join Ray at {address or 'local'}: {e}") from e
     record_cluster(spec.output, started=not address)
     return time.monotonic() - t0, True
+
+
+ENGINE_RPM = 10**9  # engine: without limits.rpm: the replicas' caps are the limit
+
+
+def job_concurrency(spec: JobSpec) -> int:
+    """Requests in flight, whole job: with an engine and no limits.max_concurrency of
+    the user's, every replica's cap."""
+    e = spec.engine
+    if e is not None and "max_concurrency" not in spec.limits.model_fields_set:
+        return e.replicas * e.max_concurrency_per_replica
+    return spec.limits.max_concurrency
 
 
 @dataclass
@@ -133,8 +150,9 @@ def _start_actors(spec: JobSpec, key: str | None, schema: pa.Schema,
                   budget: BudgetConfig | None, structured: Structured | None) -> JobActors:
     try:
         limiter = RateLimiter.options(  # type: ignore[attr-defined]
-            name=limiter_name(spec.name)).remote(spec.name, spec.limits.rpm, spec.limits.tpm,
-                                                 budget, input_tpm=spec.limits.input_tpm,
+            name=limiter_name(spec.name)).remote(spec.name, spec.limits.rpm or ENGINE_RPM,
+                                                 spec.limits.tpm, budget,
+                                                 input_tpm=spec.limits.input_tpm,
                                                  output_tpm=spec.limits.output_tpm)
     except ValueError as e:  # the name is taken: the same job is running on this cluster
         raise UserError(f"job {spec.name!r} is already running on this Ray cluster "
@@ -143,7 +161,7 @@ def _start_actors(spec: JobSpec, key: str | None, schema: pa.Schema,
     # of each run_shard. The driver holds it for the run, so a restarted worker reads it.
     key_box = [ray.put(key) if key else None]
     # the whole of max_concurrency, never more: 3 workers of 200 get 67, 67 and 66
-    shares = split_concurrency(spec.limits.max_concurrency, spec.workers)
+    shares = split_concurrency(job_concurrency(spec), spec.workers)
     try:
         workers = [
             Worker.options(  # type: ignore[attr-defined]
@@ -212,6 +230,9 @@ def _refuse_options(spec_path: str, spec: JobSpec, opts: RunOptions) -> None:
                else f"add --mode online ({spec_path} says mode: batch)")
         raise UserError(f"--limit runs the first rows online: {how} for the smoke test; "
                         "a batch run afterwards sends only the rows left")
+    if spec.engine is not None and spec.mode == "batch":
+        raise UserError(f"{spec_path}: engine: cannot run in batch mode (a self-hosted engine "
+                        "has no Batch API); run without --mode batch")
     if not opts.wait and spec.simulate is not None:
         # the simulated provider lives as long as this run: batches submitted to it
         # without waiting would be lost with it, and no later run could collect them
@@ -234,6 +255,7 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     except SpecError as e:
         raise SpecError(f"{spec_path}: {e}") from None
     _warn_max_tokens(spec, price_for(spec))  # a model with no price is refused here too
+    check_model_path(spec, spec_path)
     files = validate_input(spec)
     shards = plan_shards(spec, files)
     if opts.limit is not None:
@@ -268,6 +290,7 @@ class _Run:
     ray_s: float | None = None  # Ray's start-up, when this run started Ray
     exhausted: bool = False
     pending: int = 0
+    engine: GpuUsage | None = None  # the engine's GPU time, once released
 
 
 def _run_online(job: _Job, spec: JobSpec, key: str | None, opts: RunOptions,
@@ -289,13 +312,22 @@ def _run_online(job: _Job, spec: JobSpec, key: str | None, opts: RunOptions,
     ray_s, started_ray = _connect(opts, spec)
     run.ray_s = ray_s if started_ray else None
     actors: JobActors | None = None
+    fleet = Fleet(spec, spec.workers * WORKER_CPUS) if spec.engine is not None else None
     try:
+        if fleet is not None:  # replicas first: workers route to them from their first row
+            fleet.start()
         actors = _start_actors(spec, key, job.store.schema, budget, job.structured)
+        if fleet is not None:
+            fleet.watch(spec.budget.max_cost_usd, actors.limiter.exhaust.remote,
+                        actors.limiter.halt.remote)
         run.exhausted = dispatch(spec, actors.limiter, actors.workers, actors.key_box,
                                  job.store, plans, job.total, done, opts.progress)
     finally:
         if actors is not None:
             _stop_actors(actors)
+        if fleet is not None:  # every server's process tree, the actors, the reservation
+            fleet.stop()
+            run.engine = fleet.usage()
         if started_ray:
             ray.shutdown()
 
@@ -335,6 +367,10 @@ def _summarize(job: _Job, spec: JobSpec, run: _Run) -> Summary:
                         total_rows=job.total, ray_startup_s=run.ray_s,
                         budget_exhausted=run.exhausted, pending_batches=run.pending,
                         output=str(spec.output), fs=store.fs)
+    if run.engine is not None:
+        rate = getattr(spec.price, "gpu_hour_usd", None)
+        summary = summary.model_copy(update={"engine": gpu_cost(
+            run.engine, rate, summary.rows_this_run, summary.completion_tokens)})
     save_summary(summary, join(store.root, "summary.json"), fs=store.fs)
     return summary
 

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from batchrun.engine_spec import EngineSpec, engine_problem
 from batchrun.errors import SecretError, SpecError
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "BudgetSpec",
     "EmbeddingSpec",
     "EndpointSpec",
+    "EngineSpec",
     "GenerationSpec",
     "JobSpec",
     "LimitsSpec",
@@ -186,7 +188,8 @@ class GenerationSpec(_Model):
 
 
 class LimitsSpec(_Model):
-    rpm: int = Field(..., gt=0, description="Requests per minute, for the whole job.")
+    rpm: int | None = Field(None, gt=0, description="Requests per minute, for the whole job "
+                            "(required, unless `engine:` is set: its capacity is the limit).")
     tpm: int | None = Field(
         None, gt=0, description="Tokens per minute (prompt estimate + max_tokens), whole job."
     )
@@ -212,10 +215,19 @@ class RetrySpec(_Model):
 
 
 class PriceSpec(_Model):
-    input_per_1m: float = Field(..., ge=0, description="USD per 1M input tokens.")
-    output_per_1m: float = Field(..., ge=0, description="USD per 1M output tokens.")
+    input_per_1m: float | None = Field(None, ge=0, description="USD per 1M input tokens.")
+    output_per_1m: float | None = Field(None, ge=0, description="USD per 1M output tokens.")
     batch_input_per_1m: float | None = Field(None, ge=0, description="Batch API input price.")
     batch_output_per_1m: float | None = Field(None, ge=0, description="Batch API output price.")
+    gpu_hour_usd: float | None = Field(
+        None, ge=0, description="Self-hosted (`engine:`): USD per GPU hour; the job's cost is "
+        "its replicas' GPU time, and tokens cost nothing.")
+
+    @model_validator(mode="after")
+    def _token_prices(self) -> PriceSpec:
+        if self.gpu_hour_usd is None and (self.input_per_1m is None or self.output_per_1m is None):
+            raise ValueError("give input_per_1m and output_per_1m (or gpu_hour_usd with engine:)")
+        return self
 
 
 class BudgetSpec(_Model):
@@ -302,7 +314,8 @@ class JobSpec(_Model):
     )
     model: str = Field(..., description="Model name sent to the provider.")
     generation: GenerationSpec = Field(..., description="Chat-completion parameters.")
-    limits: LimitsSpec = Field(..., description="Provider limits for the whole job.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec,  # type: ignore[arg-type]
+                               description="Provider limits for the whole job.")
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Retry policy.")  # type: ignore[arg-type]
     workers: int = Field(2, ge=1, description="Number of worker actors.")
     shard_rows: int = Field(10_000, ge=1, description="Rows per shard (Parquet row groups).")
@@ -320,6 +333,8 @@ class JobSpec(_Model):
     response_format: ResponseFormatSpec | None = Field(
         None, description="Structured output: answers validated against a JSON Schema."
     )
+    engine: EngineSpec | None = Field(
+        None, description="Start self-hosted servers on the cluster (docs/engines.md).")
 
     @field_validator("name")
     @classmethod
@@ -354,6 +369,12 @@ class JobSpec(_Model):
                 raise ValueError(f"generation.{f}: Anthropic has no such parameter; remove it")
         if anthropic and g.temperature is not None and g.temperature > 1:
             raise ValueError("generation.temperature: Anthropic takes 0 to 1; lower it")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_or_limits(self) -> JobSpec:
+        if problem := engine_problem(self):
+            raise ValueError(problem)
         return self
 
     def with_date(self, ds: date | str) -> JobSpec:

@@ -80,15 +80,17 @@ class ApiClient:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
-        """One attempt; raises a ``RequestError`` subclass on any failure."""
+    async def complete(self, body: dict[str, Any], base_url: str | None = None) -> Completion:
+        """One attempt; raises a ``RequestError`` subclass on any failure. ``base_url``:
+        another server of the same API (an engine replica, engine/routes.py)."""
         try:
             data = orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)  # logit_bias: {50256: -100}
         except TypeError as e:  # a value JSON cannot hold (from the spec's extra fields)
             raise FatalRequestError(f"request body is not JSON: {e}", error_type="bad_request"
                                     ) from None
         try:
-            async with self._session.post(self._url, data=data, headers=self._headers) as resp:
+            url = self._url if base_url is None else base_url + self._kind.path
+            async with self._session.post(url, data=data, headers=self._headers) as resp:
                 raw = await self._read_capped(resp)
                 status = resp.status
                 headers = resp.headers

@@ -129,13 +129,17 @@ def estimate(
     sample: int = typer.Option(None, "--sample", help="Count tokens on N sampled rows."),
     output_ratio: float = typer.Option(0.5, "--output-ratio",
                                        help="Expected output tokens as a share of max_tokens."),
+    throughput: float = typer.Option(None, "--throughput", min=0.001,
+                                     help="engine: jobs, with --compare: rows per second of "
+                                     "the replicas (default: the previous run's summary)."),
 ) -> None:
     """Rows, tokens, worst-case and expected cost, and duration: nothing is sent."""
     from batchrun.money.estimate import estimate_command
 
     raise typer.Exit(estimate_command(spec, compare, as_json, ds=ds,
                                       sample_rows=sample if sample else "auto",
-                                      expected_output_ratio=output_ratio))
+                                      expected_output_ratio=output_ratio,
+                                      throughput=throughput))
 
 
 def _mount_subcommands() -> None:

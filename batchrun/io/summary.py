@@ -66,6 +66,9 @@ class Summary(BaseModel):
     budget_exhausted: bool = Field(False, description="The budget stopped dispatch; rerun "
                                    "with a raised cap or on a new day to send the rest.")
     output: str | None = Field(None, description="The output folder: results/ and this file.")
+    engine: dict[str, float | None] | None = Field(
+        None, description="Self-hosted engine (engine:): replicas, reserved_s, gpu_hours, "
+        "gpu_hour_usd, cost_usd, usd_per_1k_rows, usd_per_1m_output_tokens (this run).")
 
 
 def percentile(values: pa.Array, qs: list[float]) -> list[float | None]:
@@ -145,7 +148,7 @@ def summarize(files: Sequence[Where], *, job: str, wall_s: float, run_started: d
         total_tokens=int(s["total_tokens"]), cost_usd=s["cost_usd"],
         by_model={m: dict(c) for m, c in tally.by_model.items()},
         ray_startup_s=ray_startup_s, budget_exhausted=budget_exhausted,
-        pending_batches=pending_batches, output=output,
+        pending_batches=pending_batches, output=output, engine=None,
     )
 
 
@@ -181,6 +184,10 @@ def _fmt(x: float | None, unit: str = "") -> str:
     return "-" if x is None else f"{x:,.1f}{unit}"
 
 
+def _usd(x: float | None) -> str:
+    return "-" if x is None else f"${x:,.4f}"
+
+
 def render_summary(s: Summary) -> Table:
     t = Table(title=f"batchrun: {s.job}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -202,6 +209,14 @@ def render_summary(s: Summary) -> Table:
     for model, m in s.by_model.items():
         rows.append((f"  {model}", f"{m['input_tokens']:,.0f} in / {m['output_tokens']:,.0f} out"
                                    f" / ${m['cost_usd']:,.4f}"))
+    if s.engine is not None:
+        e = s.engine
+        rows.append(("engine GPU hours", f"{e['gpu_hours'] or 0:,.4f} ({e['replicas']:.0f} "
+                     f"replicas, {e['reserved_s'] or 0:,.1f} s reserved)"))
+        if e.get("cost_usd") is not None:
+            rows.append(("engine cost", f"${e['cost_usd']:,.4f}; per 1k rows "
+                         f"{_usd(e.get('usd_per_1k_rows'))}; per 1M output tokens "
+                         f"{_usd(e.get('usd_per_1m_output_tokens'))}"))
     for k, v in rows:
         t.add_row(k, v)
     return t

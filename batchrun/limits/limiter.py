@@ -42,6 +42,7 @@ class RateLimiter:
             windows_for(rpm, tpm, input_tpm, output_tpm), time.monotonic,
             validity=SLOT_VALIDITY_S, horizon=horizon_s)
         self._halted: str | None = None  # why the job stops (breaker, error rate), if it does
+        self._spent_out = False  # exhaust(): a cost the gate does not see (engine GPU time)
         with warnings.catch_warnings():  # deprecated in 2.60 with no replacement for this
             warnings.simplefilter("ignore")
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
@@ -97,7 +98,7 @@ class RateLimiter:
         if gate is not None:
             for reserved, actual in settle or ():
                 gate.settle(reserved, actual)
-        if self._halted is not None:  # the job is stopping: no more slots for anyone
+        if self._halted is not None or self._spent_out:  # stopping: no more slots for anyone
             return LeaseAnswer(time.monotonic(), [], None, 0.0, exhausted=True)
         n = len(costs)
         if gate is not None and usd is not None:
@@ -124,7 +125,12 @@ class RateLimiter:
         return self._halted
 
     def exhausted(self) -> bool:
-        return self._gate is not None and self._gate.exhausted
+        return self._spent_out or (self._gate is not None and self._gate.exhausted)
+
+    def exhaust(self) -> None:
+        """The budget is spent elsewhere (an engine's GPU time, engine/fleet.py): refuse
+        every lease from now on; the job ends as budget-exhausted (exit 4)."""
+        self._spent_out = True
 
     def close(self) -> dict[str, Any]:
         """Write what was settled and hand unused daily allowance back (every request has

@@ -45,9 +45,11 @@ from batchrun.money.pricing import (
     ModelPrice,
     cost_usd,
     load_price_table,
+    lookup,
     price_for,
     price_of_entry,
 )
+from batchrun.money.selfhosted import SelfHosted, render_self_hosted, self_hosted
 from batchrun.spec import JobSpec, load_spec
 
 __all__ = [
@@ -209,8 +211,9 @@ def _duration(spec: JobSpec, rows: int, prompt: int) -> tuple[float, Bound]:
     limiter gives unused output back, so an output_tpm-bound job often runs faster)."""
     kind = kind_for(spec)  # embeddings: many rows a request, no output tokens
     lim, out = spec.limits, rows * output_tokens(kind, spec)
-    bounds: list[tuple[float, Bound]] = [(-(-rows // inputs_per_request(kind, spec)) / lim.rpm,
-                                          "rpm")]
+    # an engine: job has no rpm (its replicas' capacity is the limit): no rpm bound
+    requests = -(-rows // inputs_per_request(kind, spec))
+    bounds: list[tuple[float, Bound]] = [(requests / lim.rpm if lim.rpm else 0.0, "rpm")]
     for limit, tokens, name in ((lim.tpm, prompt + out, "tpm"), (lim.input_tpm, prompt,
                                 "input_tpm"), (lim.output_tpm, out, "output_tpm")):
         if limit:
@@ -246,7 +249,7 @@ def _build(spec: JobSpec, st: _Stats, price: ModelPrice, ratio: float) -> Estima
         price=price,
         online=online,
         batch=_costs(price, prompt, requests, mt, ratio, batch=True),
-        rpm=spec.limits.rpm,
+        rpm=spec.limits.rpm or 0,
         tpm=spec.limits.tpm,
         duration_minutes=minutes,
         duration_bound=bound,
@@ -335,6 +338,7 @@ def estimate_command(
     ds: str | None = None,
     sample_rows: int | Literal["auto"] | None = "auto",
     expected_output_ratio: float = DEFAULT_EXPECTED_OUTPUT_RATIO,
+    throughput: float | None = None,
 ) -> int:
     """``batchrun estimate JOB.yaml [--compare] [--json]``: print, return the exit code.
 
@@ -352,6 +356,8 @@ def estimate_command(
         stats = _count(spec, shards, models, sample)
         est = _build(spec, stats[encoding_name_for(spec.model)], price, expected_output_ratio)
         ranked = _compare_rows(spec, stats, expected_output_ratio, price) if compare else None
+        hosted = (_self_hosted(spec, stats, expected_output_ratio, throughput)
+                  if compare and spec.engine is not None else None)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -359,10 +365,24 @@ def estimate_command(
         doc: dict[str, object] = {"estimate": est.model_dump(mode="json")}
         if ranked is not None:
             doc["compare"] = [r.model_dump(mode="json") for r in ranked]
+        if hosted is not None:
+            doc["self_hosted"] = hosted.model_dump(mode="json")
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return 0
     console = Console()
     console.print(render_estimate(est))
     if ranked is not None:
         console.print(render_compare(ranked))
+    if hosted is not None:
+        console.print(render_self_hosted(hosted))
     return 0
+
+
+def _self_hosted(spec: JobSpec, stats: dict[str, _Stats], ratio: float,
+                 throughput: float | None) -> SelfHosted:
+    """An engine job at its model's API price (the table's) next to its GPU time."""
+    found = lookup(spec.model)
+    st = stats[encoding_name_for(spec.model)]
+    api = (_build(spec, st, price_of_entry(spec.model, *found), ratio).online.expected_usd
+           if found else None)
+    return self_hosted(spec, st.requests(), throughput, api)

@@ -180,6 +180,7 @@ def _from_override(model: str, found: tuple[str, TableEntry] | None, o: PriceSpe
     # Batch fields the override leaves out follow the table's batch ratio applied to the
     # override's online prices (providers' batch discounts are proportional); a model
     # outside the table has no known batch price unless the override gives one.
+    assert o.input_per_1m is not None and o.output_per_1m is not None  # price_for's case
     ratios = _batch_ratios(found[1] if found else None)
     derived = (
         (None, None)
@@ -216,8 +217,9 @@ def price_of_entry(model: str, name: str, entry: TableEntry) -> ModelPrice:
 def price_for(spec: JobSpec) -> ModelPrice:
     """The price of ``spec.model``: the spec's ``price:`` override merged over the table."""
     found = lookup(spec.model)
-    if spec.price == 0:
-        # Self-hosted: nothing is billed, online or batch.
+    if spec.price == 0 or (isinstance(spec.price, PriceSpec) and spec.price.input_per_1m is None):
+        # Self-hosted (price: 0, or gpu_hour_usd: the engine's GPU time is the cost, not
+        # tokens): nothing is billed per token, online or batch.
         return ModelPrice(
             model=spec.model,
             table_name=found[0] if found else None,

@@ -29,6 +29,7 @@ from batchrun.api.protocols import inputs_per_request
 from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
+from batchrun.engine.routes import engine_client
 from batchrun.errors import ClusterError
 from batchrun.io.shards import RequestRow, Shard, iter_shard_rows
 from batchrun.limits.limiter import SLOT_VALIDITY_S, limiter_name
@@ -101,6 +102,8 @@ class Worker:
         price = self._price = price_for(spec)
         self._kind = kind_for(spec)
         client = ApiClient(self._session, spec.endpoint, key, self._kind, provider_for(spec))
+        if spec.engine is not None:  # self-hosted: each attempt goes to a replica
+            client = engine_client(spec, self._session, key, self._kind, provider_for(spec))
 
         def on_trip(reason: str) -> None:  # a provider may echo the key in its message
             self._halt(redact(reason, key))

@@ -27,6 +27,9 @@ from ray.job_config import JobConfig
 from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.structured import Structured
 from batchrun.errors import BudgetExhausted, ClusterError, JobCannotSucceed, SpecError, UserError
+from batchrun.io import stores
+from batchrun.io.lease import Lease
+from batchrun.io.lease import acquire as acquire_lease
 from batchrun.io.resume import check_fingerprint, refuse_duplicates
 from batchrun.io.shards import Shard, carry_schema, plan_shards, record_plan, validate_input
 from batchrun.io.storage import join, remove_empty_dir
@@ -200,6 +203,7 @@ class _Job:
     total: int
     store: ResultsStore
     structured: Structured | None
+    lease: Lease | None = None
 
 
 def _refuse_options(spec_path: str, spec: JobSpec, opts: RunOptions) -> None:
@@ -210,6 +214,9 @@ def _refuse_options(spec_path: str, spec: JobSpec, opts: RunOptions) -> None:
                else f"add --mode online ({spec_path} says mode: batch)")
         raise UserError(f"--limit runs the first rows online: {how} for the smoke test; "
                         "a batch run afterwards sends only the rows left")
+    if spec.mode == "batch" and stores.is_store(spec.output):  # issue 14: not yet
+        raise UserError(f"{spec_path}: mode: batch keeps its request chunks on local disk; "
+                        f"for output {spec.output} use mode online, or a local output")
     if not opts.wait and spec.simulate is not None:
         # the simulated provider lives as long as this run: batches submitted to it
         # without waiting would be lost with it, and no later run could collect them
@@ -219,7 +226,7 @@ def _refuse_options(spec_path: str, spec: JobSpec, opts: RunOptions) -> None:
 
 
 def _prepare(spec_path: str, opts: RunOptions) -> _Job:
-    spec = load_spec(spec_path, ds=opts.ds)
+    spec = stores.prepare(load_spec(spec_path, ds=opts.ds))  # s3://, gs://: docs/storage.md
     if opts.mode:
         spec = spec.model_copy(update={"mode": opts.mode})
     _refuse_options(spec_path, spec, opts)
@@ -241,14 +248,20 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     extra += structured.result_fields() if structured else []
     store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra))
     store.check_writable()
-    check_fingerprint(spec, files, force=opts.force,
-                      schema=structured.schema if structured else None)
-    record_plan(spec, files)  # later runs of this output find the same shards
-    if spec.mode == "online":  # rows of an open batch would be paid twice
-        from batchrun.batch.state import refuse_open_batches
+    lease = acquire_lease(spec.output)  # an output in a store: one driver at a time
+    try:
+        check_fingerprint(spec, files, force=opts.force,
+                          schema=structured.schema if structured else None)
+        record_plan(spec, files)  # later runs of this output find the same shards
+        if spec.mode == "online":  # rows of an open batch would be paid twice
+            from batchrun.batch.state import refuse_open_batches
 
-        refuse_open_batches(spec)
-    return _Job(spec, shards, sum(s.num_rows for s in shards), store, structured)
+            refuse_open_batches(spec)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    return _Job(spec, shards, sum(s.num_rows for s in shards), store, structured, lease)
 
 
 @dataclass
@@ -335,6 +348,14 @@ def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
     """Run (or resume) the job in ``spec_path``; returns its summary. A run that stops
     early (exit 4, 5, 7) saves the summary of what it left on disk too, then raises."""
     job = _prepare(spec_path, opts)
+    try:
+        return _run_prepared(job, spec_path, opts)
+    finally:
+        if job.lease is not None:
+            job.lease.release()
+
+
+def _run_prepared(job: _Job, spec_path: str, opts: RunOptions) -> Summary:
     with simulated_provider(job.spec) as spec:
         key = resolve_api_key(spec, spec_path=spec_path)
         run = _Run(datetime.now(UTC), time.monotonic())

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from batchrun.errors import InputDataError, ResumeRefused
@@ -81,7 +79,7 @@ def fingerprint(spec: JobSpec, files: list[str],
     inputs, root = [], input_root(spec)
     for f in files:
         rows, sha = _footer_hash(f)
-        inputs.append(InputFile(name=Path(os.path.relpath(f, root)).as_posix(),
+        inputs.append(InputFile(name=storage.relative(f, root),
                                 size=storage.size(f), rows=rows, footer_sha256=sha))
     fields = spec.model_dump(include=set(_REQUEST_FIELDS), mode="json")
     if spec.task != "chat":  # other kinds ask other questions; chat outputs keep their hash
@@ -139,7 +137,7 @@ def check_fingerprint(spec: JobSpec, files: list[str], *, force: bool,
 def _hashes(files: list[str], column: str) -> np.ndarray:
     parts = []
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[column]):
+        for batch in storage.parquet_file(f).iter_batches(batch_size=65536, columns=[column]):
             parts.append(np.fromiter((hash(str(v)) for v in batch.column(0).to_pylist()),
                                      dtype=np.int64, count=batch.num_rows))
     return np.concatenate(parts) if parts else np.empty(0, np.int64)
@@ -154,7 +152,7 @@ def find_duplicate_ids(files: list[str], column: str, limit: int = 5) -> list[st
     seen: set[str] = set()
     dups: list[str] = []
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[column]):
+        for batch in storage.parquet_file(f).iter_batches(batch_size=65536, columns=[column]):
             for v in batch.column(0).to_pylist():
                 s = str(v)
                 if hash(s) not in suspects:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from batchrun.api.registry import kind_for
 from batchrun.errors import InputDataError, ResumeRefused, SpecError
-from batchrun.io import storage
+from batchrun.io import storage, stores
 from batchrun.io.storage import commit_bytes, join
 from batchrun.spec import JobSpec
 
@@ -86,13 +86,36 @@ def carry_schema(spec: JobSpec, shards: list[Shard]) -> pa.Schema | None:
     if not spec.carry_columns:
         return None
     # an empty input has no shards, but its files still have the columns' types
-    schema = pq.read_schema(shards[0].path if shards else input_files(spec)[0])
+    schema = _open(shards[0].path if shards else input_files(spec)[0]).schema_arrow
     return pa.schema([schema.field(c) for c in spec.carry_columns])
+
+
+def _store_files(src: str) -> list[str]:
+    """The Parquet objects a store URI names (one object, a prefix or a glob), as URIs.
+    A glob is matched with ``fnmatch`` on the whole key: ``*`` also matches ``/``."""
+    stores.preflight(src, "input")
+    scheme = stores.scheme_of(src)
+    fs, path = storage.locate(src)
+    if any(ch in path for ch in "*?["):
+        base = path[:min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+        found = [p for p in storage.list_files(base, fs=fs, recursive=True)
+                 if fnmatch.fnmatchcase(p, path)]
+    elif storage.exists(path, fs=fs) and not storage.is_dir(path, fs=fs):
+        found = [path]
+    else:
+        found = [p for p in storage.list_files(path.rstrip("/"), fs=fs, recursive=True)
+                 if p.endswith(".parquet")]
+    if not found:
+        raise InputDataError(f"input: {src}: holds no Parquet objects (*.parquet); check the "
+                             "prefix, or upload the input there")
+    return [stores.uri(scheme, p) for p in found]
 
 
 def input_files(spec: JobSpec) -> list[str]:
     """The Parquet files named by ``spec.input`` (a file, a folder or a glob), sorted."""
     src = spec.input
+    if stores.is_store(src):
+        return _store_files(src)
     if any(ch in src for ch in "*?["):
         files = sorted(f for f in glob.glob(src, recursive=True) if os.path.isfile(f))
     elif os.path.isdir(src):
@@ -109,6 +132,9 @@ def input_files(spec: JobSpec) -> list[str]:
 def input_root(spec: JobSpec) -> str:
     """The folder the input's file names are relative to (row ids, the fingerprint)."""
     src = spec.input
+    if stores.is_store(src) and not any(ch in src for ch in "*?["):
+        return src.rstrip("/") if src.endswith("/") or storage.is_dir(src) else (
+            src.rsplit("/", 1)[0])
     if os.path.isdir(src):
         return src
     return os.path.dirname(src.split("*")[0].split("?")[0].split("[")[0]) or "."
@@ -119,7 +145,7 @@ _root_of = input_root  # the name ops/submit.py imports
 
 def _open(path: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        return storage.parquet_file(path)
     except (OSError, pa.ArrowInvalid) as e:
         raise InputDataError(f"input: {path}: not a readable Parquet file ({e})") from e
 
@@ -147,6 +173,12 @@ def _inside(path: str, folder: str) -> bool:
 
 def _output_is_input(spec: JobSpec) -> bool:
     """Whether the results would be read back as input by the next run."""
+    if stores.is_store(spec.input) or stores.is_store(spec.output):
+        out, src = spec.output.rstrip("/"), spec.input
+        if any(ch in src for ch in "*?["):
+            return any(fnmatch.fnmatchcase(f"{out}/{sample}", src) for sample in (
+                "results/shard-000000.parquet", "parts/shard-000000/part-0.parquet"))
+        return f"{out}/".startswith(src.rstrip("/") + "/")
     out = os.path.realpath(spec.output)
     src = spec.input
     if not any(ch in src for ch in "*?["):
@@ -253,7 +285,7 @@ def plan_shards(spec: JobSpec, files: list[str] | None = None) -> list[Shard]:
     root = input_root(spec)
     shards: list[Shard] = []
     for path in files:
-        prefix = os.path.relpath(path, root)
+        prefix = storage.relative(path, root)
         for a, b in _file_shards(_open(path), size):
             shards.append(Shard(len(shards), path, a, b, prefix))
     return shards

@@ -29,6 +29,7 @@ from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
 from batchrun.errors import ClusterError
+from batchrun.io import stores
 from batchrun.io.shards import Shard, iter_shard_rows
 from batchrun.limits.limiter import SLOT_VALIDITY_S, limiter_name
 from batchrun.limits.permits import LeaseAnswer, PermitPool
@@ -54,6 +55,7 @@ class Worker:
     def __init__(self, spec: JobSpec, concurrency: int, schema: pa.Schema,
                  budgeted: bool = False, structured: Structured | None = None):
         self._spec = spec
+        stores.configure(spec.storage)  # the driver's resolved endpoint; keys from this node
         self._budgeted = budgeted
         # built by the driver: a `pydantic:` model may not import on this node
         self._structured = structured

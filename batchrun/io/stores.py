@@ -58,7 +58,7 @@ class StoreConfig:
 
 
 _lock = threading.Lock()
-_config = StoreConfig()
+_config: StoreConfig | None = None  # None: from this process's environment, on first use
 _filesystems: dict[tuple[str, StoreConfig], pafs.FileSystem] = {}
 
 
@@ -86,7 +86,11 @@ def configure(cfg: StoreConfig | Any | None) -> None:
 
 
 def config() -> StoreConfig:
-    return _config
+    global _config
+    with _lock:
+        if _config is None:
+            _config = resolved()
+        return _config
 
 
 def scheme_of(where: str) -> str:
@@ -140,11 +144,11 @@ def _gcs(cfg: StoreConfig) -> pafs.FileSystem:
 
 def filesystem(scheme: str) -> pafs.FileSystem:
     """The (cached) filesystem of a store scheme under this process's configuration."""
-    key = (scheme, _config)
+    cfg = config()
     with _lock:
-        fs = _filesystems.get(key)
+        fs = _filesystems.get((scheme, cfg))
         if fs is None:
-            fs = _filesystems[key] = _s3(_config) if scheme == "s3" else _gcs(_config)
+            fs = _filesystems[(scheme, cfg)] = _s3(cfg) if scheme == "s3" else _gcs(cfg)
         return fs
 
 

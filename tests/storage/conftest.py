@@ -66,8 +66,9 @@ def upload(local: Path, bucket: str, key: str) -> str:
 
 
 def keys(bucket: str, prefix: str = "") -> list[str]:
+    """The objects under ``prefix``, without the empty folder markers pyarrow writes."""
     out: list[str] = []
     for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
                                                                        Prefix=prefix):
-        out += [o["Key"] for o in page.get("Contents", [])]
+        out += [o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
     return sorted(out)

@@ -32,7 +32,8 @@ def test_a_job_reads_and_writes_s3_end_to_end(tmp_path: Path, ray_session: None,
     upload(tmp_path / "README", bucket, "in/dt=2026-11-27/README")
     spec = write_spec(tmp_path, input=f"s3://{bucket}/in/dt={{ds}}/",
                       output=f"s3://{bucket}/out/{{ds}}/", simulate={"latency_ms": 0},
-                      shard_rows=100)
+                      shard_rows=100,
+                      budget={"daily_usd": 50, "ledger_dir": f"s3://{bucket}/ledger/"})
     summary = run_job(str(spec), RunOptions(ds="2026-11-27", progress=False))
     assert summary.ok == 600
     out = keys(bucket, "out/2026-11-27/")
@@ -46,6 +47,11 @@ def test_a_job_reads_and_writes_s3_end_to_end(tmp_path: Path, ray_session: None,
     saved = json.loads(_s3().open_input_stream(
         f"{bucket}/out/2026-11-27/summary.json").read())
     assert saved["ok"] == 600
+    day = keys(bucket, "ledger/")
+    assert len(day) == 1  # the daily ledger is an object in the store, its spend recorded
+    doc = json.loads(_s3().open_input_stream(f"{bucket}/{day[0]}").read())
+    (job,) = doc["jobs"].values()
+    assert job["spent_nusd"] > 0 and job["reserved_nusd"] == 0
     # a rerun finds every row answered and sends nothing
     again = run_job(str(spec), RunOptions(ds="2026-11-27", progress=False))
     assert again.ok == 600 and again.rows_this_run == 0

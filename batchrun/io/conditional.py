@@ -101,6 +101,7 @@ class S3Conditional:
         import boto3
         from botocore.config import Config
 
+        stores.quiet_sdk()
         retries: Any = {"max_attempts": stores.RETRY_ATTEMPTS, "mode": "standard"}
         self._client = boto3.session.Session().client(
             "s3", endpoint_url=cfg.endpoint_url or None, region_name=cfg.region or None,

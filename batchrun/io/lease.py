@@ -27,7 +27,7 @@ from typing import Any
 from batchrun.errors import OutputError, UserError
 from batchrun.io import stores
 from batchrun.io.conditional import conditional_for
-from batchrun.io.storage import join
+from batchrun.io.storage import join, output_error
 
 __all__ = ["LEASE_FILE", "Lease", "acquire"]
 
@@ -126,5 +126,8 @@ def acquire(output: str) -> Lease | None:
     if not stores.is_store(output):
         return None
     lease = Lease(output)
-    lease.take()
+    try:
+        lease.take()
+    except OSError as e:
+        raise output_error(lease.uri, e) from None
     return lease.start()

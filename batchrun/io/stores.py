@@ -18,6 +18,7 @@ write is ``OutputError`` (exit 3), each one line naming the URI and the fix.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import uuid
@@ -154,8 +155,15 @@ def filesystem(scheme: str) -> pafs.FileSystem:
 
 # -- preflight ----------------------------------------------------------------------------
 
+def quiet_sdk() -> None:
+    """botocore logs where it found the keys at INFO: not a line a user needs per run."""
+    for name in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _s3_credentials(where: str) -> None:
     """Credentials found by the standard AWS chain, else one line saying how to set them."""
+    quiet_sdk()
     try:
         import boto3
     except ImportError:

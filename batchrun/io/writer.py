@@ -73,10 +73,10 @@ class ResultsStore:
         self.schema = schema
         # an object store named by its URI: finals are committed by a conditional write
         scheme = stores.scheme_of(os.fspath(output)) if fs is None else ""
+        scheme = scheme if scheme in stores.SCHEMES else ""
         self.cond_scheme = scheme
         self.cond: ConditionalStore | None = (
-            conditional_for(stores.uri(scheme, self.root))[0] if scheme in stores.SCHEMES
-            else None)
+            conditional_for(stores.uri(scheme, self.root))[0] if scheme else None)
         self._versions: dict[str, str | None] = {}  # final file versions read by _gather
 
     def final_path(self, shard_name: str) -> str:
@@ -100,7 +100,10 @@ class ResultsStore:
 
     def check_writable(self) -> None:
         """Fail before any request is sent, not after paying for the first batch."""
-        storage.check_writable(self.root, fs=self.fs)
+        if self.cond_scheme:  # a store: credentials, bucket and a probe object (stores.py)
+            storage.check_writable(stores.uri(self.cond_scheme, self.root))
+        else:
+            storage.check_writable(self.root, fs=self.fs)
 
     def _conform(self, table: pa.Table) -> pa.Table:
         """By column name: a file from a run with other optional columns (batch_id,

@@ -17,6 +17,7 @@ driver on the same cluster, and a local folder is seen by one machine.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -31,6 +32,7 @@ from batchrun.io.storage import join, output_error
 
 __all__ = ["LEASE_FILE", "Lease", "acquire"]
 
+log = logging.getLogger("batchrun")
 LEASE_FILE = "lease.json"
 TTL_S = float(os.environ.get("BATCHRUN_LEASE_TTL_S", "120"))
 
@@ -116,9 +118,13 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        got = self.cond.read_with_version(self.path)
-        if got is not None and got[1] == self.version:
-            self.cond.delete(self.path)
+        try:
+            got = self.cond.read_with_version(self.path)
+            if got is not None and got[1] == self.version:
+                self.cond.delete(self.path)
+        except OSError:  # the store is down: the lease expires by itself (TTL_S)
+            log.warning("could not release the output's lease %s; it expires in %.0f s",
+                        self.uri, self.ttl_s)
 
 
 def acquire(output: str) -> Lease | None:

@@ -213,7 +213,8 @@ class Staged:
         self._fs: pafs.FileSystem | None = None
         if not isinstance(fs, pafs.LocalFileSystem):
             self._fs, self.path = fs, Path(path)
-            self.where = os.fspath(where)
+            scheme = {"s3": "s3", "gcs": "gs"}.get(fs.type_name)
+            self.where = f"{scheme}://{path}" if scheme and "://" not in path else path
             self.file: BinaryIO = tempfile.SpooledTemporaryFile(_SPOOL_BYTES)  # noqa: SIM115
             return
         self.path = Path(path)
@@ -254,7 +255,10 @@ class Staged:
                     while chunk := self.file.read(8 * 2**20):
                         out.write(chunk)
         except OSError as e:  # the SDK's retries are spent: the store stays down
-            raise output_error(self.where, e) from None
+            raise OutputError(
+                f"output: cannot write {self.where}: {stores.short(e)}; the store failed "
+                f"{stores.RETRY_ATTEMPTS} tries: check it (endpoint, permissions, outage), "
+                "then run the same command again (it resumes)") from None
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):

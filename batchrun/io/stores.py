@@ -41,13 +41,14 @@ __all__ = [
     "is_store",
     "preflight",
     "resolved",
-    "scheme_of",
+    "scheme_of", "short",
     "split",
     "uri",
 ]
 
 SCHEMES = ("s3", "gs", "gcs")
-RETRY_ATTEMPTS = 8  # tries of one store request (throttling, 5xx, resets), with backoff
+# tries of one store request (throttling, 5xx, resets), with backoff; the env var is for tests
+RETRY_ATTEMPTS = int(os.environ.get("BATCHRUN_STORE_ATTEMPTS", "8"))
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def preflight(where: str, role: str) -> None:
         info = fs.get_file_info(bucket)
     except OSError as e:
         raise UserError(f"{role}: {where}: the store cannot be reached or refuses access "
-                        f"({_short(e)}); check the endpoint, the credentials and the "
+                        f"({short(e)}); check the endpoint, the credentials and the "
                         "bucket's permissions") from None
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"{role}: {where}: bucket {bucket!r} does not exist; create it or fix "
@@ -207,12 +208,12 @@ def _probe(fs: pafs.FileSystem, where: str, path: str) -> None:
             f.write(b"")
         fs.delete_file(probe)
     except OSError as e:
-        raise OutputError(f"output: cannot write {where}: {_short(e)}; grant the credentials "
+        raise OutputError(f"output: cannot write {where}: {short(e)}; grant the credentials "
                           "write access to it (s3:PutObject, s3:DeleteObject) or choose another "
                           "output") from None
 
 
-def _short(e: OSError) -> str:
+def short(e: OSError) -> str:
     """The first line of an SDK error, without the request ids that follow it."""
     return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 

@@ -51,8 +51,7 @@ class FaultProxy:
             protocol_version = "HTTP/1.1"
 
             def _any(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                body = self._body()
                 fault = proxy._next(self.command, self.path)
                 if fault == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
@@ -68,8 +67,11 @@ class FaultProxy:
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
-                    conn.request(self.command, self.path, body=body,
-                                 headers={k: v for k, v in self.headers.items()})
+                    headers = {k: v for k, v in self.headers.items()
+                               if k.lower() not in ("transfer-encoding", "expect",
+                                                    "content-length")}
+                    headers["Content-Length"] = str(len(body))
+                    conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
                     headers = {k: v for k, v in resp.getheaders()
@@ -79,6 +81,21 @@ class FaultProxy:
                                length=resp.getheader("Content-Length"))
                 finally:
                     conn.close()
+
+            def _body(self) -> bytes:
+                """The request body; a chunked one (the AWS C++ SDK's uploads) de-chunked."""
+                if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+                    length = int(self.headers.get("Content-Length") or 0)
+                    return self.rfile.read(length) if length else b""
+                out = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline().strip():  # trailers, up to a blank line
+                            pass
+                        return out
+                    out += self.rfile.read(size)
+                    self.rfile.readline()
 
             def _send(self, status: int, headers: dict[str, Any], data: bytes, *,
                       head: bool = False, length: str | None = None) -> None:

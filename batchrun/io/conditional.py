@@ -132,6 +132,15 @@ class S3Conditional:
         # ours, if a retried attempt met its own earlier success (the ETag is the MD5)
         return self._etag(path) == f'"{hashlib.md5(data).hexdigest()}"'
 
+    def put(self, path: str, data: bytes) -> None:
+        """An unconditional PUT: one request, where pyarrow's stream makes a multipart
+        upload of three even for a small object."""
+        bucket, key = self._key(path)
+        try:
+            self._client.put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as e:
+            raise OSError(f"s3://{path}: {e}") from e
+
     def put_if_absent(self, path: str, data: bytes) -> bool:
         return self._put(path, data, IfNoneMatch="*")
 

@@ -225,6 +225,11 @@ def prepare(spec: JobSpec) -> JobSpec:
     uris = [spec.input, spec.output, spec.budget.ledger_dir or ""]
     if not any(is_store(u) for u in uris):
         return spec
+    for field, where in (("output", spec.output), ("budget.ledger_dir", uris[2])):
+        if is_store(where) and scheme_of(where) != "s3":
+            raise UserError(f"{field}: {where}: writing to {scheme_of(where)}:// needs "
+                            "conditional writes, not implemented yet; use an s3:// URI or a "
+                            "local folder (gs:// works for input)")
     given = spec.storage
     cfg = resolved(getattr(given, "endpoint_url", None), getattr(given, "region", None))
     block = StorageSpec(endpoint_url=cfg.endpoint_url, region=cfg.region)

@@ -231,7 +231,10 @@ class ResultsStore:
         folder = self._parts_dir(shard_name)
         for name in sorted(names):
             with contextlib.suppress(OSError):
-                storage.delete(join(folder, name), fs=self.fs)
+                if self.cond is not None:  # one DELETE; pyarrow's adds a folder marker
+                    self.cond.delete(join(folder, name))
+                else:
+                    storage.delete(join(folder, name), fs=self.fs)
         storage.remove_empty_dir(folder, fs=self.fs)
 
     def final_rows(self, shard_name: str) -> int | None:

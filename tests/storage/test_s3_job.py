@@ -55,3 +55,15 @@ def test_a_job_reads_and_writes_s3_end_to_end(tmp_path: Path, ray_session: None,
     # a rerun finds every row answered and sends nothing
     again = run_job(str(spec), RunOptions(ds="2026-11-27", progress=False))
     assert again.ok == 600 and again.rows_this_run == 0
+
+
+def test_submit_uploads_nothing_for_an_input_in_a_store(tmp_path: Path) -> None:
+    from batchrun.ops.submit import _copy_input
+    from batchrun.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path, input="s3://acme-prompts/nightly/",
+                                output="s3://acme-results/out/"))
+    assert spec.input == "s3://acme-prompts/nightly/"  # not made a local path
+    new, note = _copy_input(spec, tmp_path / "pkg")
+    assert new is None and "nothing uploaded" in note
+    assert not (tmp_path / "pkg").exists()

@@ -215,7 +215,7 @@ class Staged:
             self._fs, self.path = fs, Path(path)
             scheme = {"s3": "s3", "gcs": "gs"}.get(fs.type_name)
             self.where = f"{scheme}://{path}" if scheme and "://" not in path else path
-            self.file: BinaryIO = tempfile.SpooledTemporaryFile(_SPOOL_BYTES)  # noqa: SIM115
+            self.file: BinaryIO = tempfile.SpooledTemporaryFile(_SPOOL_BYTES)  # type: ignore[assignment]  # noqa: SIM115
             return
         self.path = Path(path)
         self.where = os.fspath(self.path)

@@ -235,6 +235,6 @@ def prepare(spec: JobSpec) -> JobSpec:
     block = StorageSpec(endpoint_url=cfg.endpoint_url, region=cfg.region)
     spec = spec.model_copy(update={"storage": block})
     configure(cfg)
-    if is_store(spec.budget.ledger_dir or ""):
-        preflight(spec.budget.ledger_dir, "ledger")
+    if is_store(uris[2]):
+        preflight(uris[2], "ledger")
     return spec

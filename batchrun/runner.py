@@ -30,6 +30,9 @@ from batchrun.api.structured import Structured
 from batchrun.engine.fleet import Fleet
 from batchrun.engine.plan import GpuUsage, check_model_path, gpu_cost
 from batchrun.errors import BudgetExhausted, ClusterError, JobCannotSucceed, SpecError, UserError
+from batchrun.io import stores
+from batchrun.io.lease import Lease
+from batchrun.io.lease import acquire as acquire_lease
 from batchrun.io.resume import check_fingerprint, refuse_duplicates
 from batchrun.io.shards import Shard, carry_schema, plan_shards, record_plan, validate_input
 from batchrun.io.storage import join, remove_empty_dir
@@ -220,6 +223,7 @@ class _Job:
     total: int
     store: ResultsStore
     structured: Structured | None
+    lease: Lease | None = None
 
 
 def _refuse_options(spec_path: str, spec: JobSpec, opts: RunOptions) -> None:
@@ -233,6 +237,9 @@ def _refuse_options(spec_path: str, spec: JobSpec, opts: RunOptions) -> None:
     if spec.engine is not None and spec.mode == "batch":
         raise UserError(f"{spec_path}: engine: cannot run in batch mode (a self-hosted engine "
                         "has no Batch API); run without --mode batch")
+    if spec.mode == "batch" and stores.is_store(spec.output):  # issue 14: not yet
+        raise UserError(f"{spec_path}: mode: batch keeps its request chunks on local disk; "
+                        f"for output {spec.output} use mode online, or a local output")
     if not opts.wait and spec.simulate is not None:
         # the simulated provider lives as long as this run: batches submitted to it
         # without waiting would be lost with it, and no later run could collect them
@@ -242,7 +249,7 @@ def _refuse_options(spec_path: str, spec: JobSpec, opts: RunOptions) -> None:
 
 
 def _prepare(spec_path: str, opts: RunOptions) -> _Job:
-    spec = load_spec(spec_path, ds=opts.ds)
+    spec = stores.prepare(load_spec(spec_path, ds=opts.ds))  # s3://, gs://: docs/storage.md
     if opts.mode:
         spec = spec.model_copy(update={"mode": opts.mode})
     _refuse_options(spec_path, spec, opts)
@@ -271,14 +278,20 @@ def _prepare(spec_path: str, opts: RunOptions) -> _Job:
     extra += kind_result_fields(kind_for(spec), spec)  # embeddings: the vector column
     store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra))
     store.check_writable()
-    check_fingerprint(spec, files, force=opts.force,
-                      schema=structured.schema if structured else None)
-    record_plan(spec, files)  # later runs of this output find the same shards
-    if spec.mode == "online":  # rows of an open batch would be paid twice
-        from batchrun.batch.state import refuse_open_batches
+    lease = acquire_lease(spec.output)  # an output in a store: one driver at a time
+    try:
+        check_fingerprint(spec, files, force=opts.force,
+                          schema=structured.schema if structured else None)
+        record_plan(spec, files)  # later runs of this output find the same shards
+        if spec.mode == "online":  # rows of an open batch would be paid twice
+            from batchrun.batch.state import refuse_open_batches
 
-        refuse_open_batches(spec)
-    return _Job(spec, shards, sum(s.num_rows for s in shards), store, structured)
+            refuse_open_batches(spec)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    return _Job(spec, shards, sum(s.num_rows for s in shards), store, structured, lease)
 
 
 @dataclass
@@ -379,6 +392,14 @@ def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
     """Run (or resume) the job in ``spec_path``; returns its summary. A run that stops
     early (exit 4, 5, 7) saves the summary of what it left on disk too, then raises."""
     job = _prepare(spec_path, opts)
+    try:
+        return _run_prepared(job, spec_path, opts)
+    finally:
+        if job.lease is not None:
+            job.lease.release()
+
+
+def _run_prepared(job: _Job, spec_path: str, opts: RunOptions) -> Summary:
     with simulated_provider(job.spec) as spec:
         key = resolve_api_key(spec, spec_path=spec_path)
         run = _Run(datetime.now(UTC), time.monotonic())

@@ -35,6 +35,7 @@ __all__ = [
     "RetrySpec",
     "ScheduleSpec",
     "SimulateSpec",
+    "StorageSpec",
     "load_spec",
     "resolve_api_key",
 ]
@@ -245,6 +246,16 @@ class BudgetSpec(_Model):
         return self
 
 
+class StorageSpec(_Model):
+    """Where ``s3://`` (and S3-compatible) URIs point; never credentials (those come from the
+    environment or the cloud's own files on each machine, see docs/storage.md)."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph), e.g. http://minio:9000; "
+        "default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS.")
+    region: str | None = Field(None, description="Region of the buckets; default: AWS_REGION.")
+
+
 class ScheduleSpec(_Model):
     cron: str = Field(..., description='Cron expression, e.g. "0 2 * * *".')
     timezone: str = Field("UTC", description="IANA time zone the cron expression is read in.")
@@ -335,6 +346,8 @@ class JobSpec(_Model):
     )
     engine: EngineSpec | None = Field(
         None, description="Start self-hosted servers on the cluster (docs/engines.md).")
+    storage: StorageSpec | None = Field(
+        None, description="Object store settings for s3:// URIs (endpoint, region; no secrets).")
 
     @field_validator("name")
     @classmethod
@@ -432,7 +445,7 @@ def load_spec(path: str | Path, *, ds: date | str | None = None) -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{p}: a job spec is a YAML mapping (name:, input:, model:, ...)")
     for key in ("input", "output"):
-        if isinstance(raw.get(key), str) and not os.path.isabs(raw[key]):
+        if isinstance(raw.get(key), str) and not os.path.isabs(raw[key]) and "://" not in raw[key]:
             raw[key] = str((p.parent / raw[key]).resolve())
     try:
         spec = JobSpec.model_validate(raw)

@@ -136,7 +136,9 @@ class StateFile:
 
     def __init__(self, output: str | Path):
         self.dir = Path(output) / "batch"  # local: the chunk files are uploaded from it
-        self.path = self.dir / "state.json"
+        # a store URI's state (an online run asks whether batches are open) by its URI
+        self.path: str | Path = (storage.join(str(output), "batch", "state.json")
+                                 if "://" in str(output) else self.dir / "state.json")
 
     def load(self, spec: JobSpec, tag: str = "") -> BatchJobState:
         """The saved state, or a fresh one tagged ``tag``. Whether the results may be

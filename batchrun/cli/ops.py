@@ -28,6 +28,7 @@ from rich.table import Column, Table
 
 from batchrun.cli.common import clean_errors, err_console
 from batchrun.errors import ClusterError, UserError
+from batchrun.io import stores
 from batchrun.online.ray_cluster import NoClusterError
 from batchrun.spec import JobSpec, load_spec
 
@@ -260,6 +261,7 @@ def status_command(
     if not _is_spec(target):
         return _job_status(target, address)
     spec = load_spec(target, ds=ds)
+    stores.configure(spec.storage)  # an output in a store: its endpoint
     disk = disk_progress(spec)
     try:
         _connect(address, spec)

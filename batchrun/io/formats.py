@@ -33,6 +33,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputDataError
+from batchrun.io import storage
 
 __all__ = ["BATCH_FILE_SCHEMA", "ERROR_COLUMN", "GROUP_ROWS", "ROW_SUFFIXES", "RowFile",
            "content_sha256",
@@ -57,12 +58,20 @@ def is_row_file(name: str) -> bool:
 
 
 def open_input(path: str) -> pq.ParquetFile | RowFile:
-    """The reader of one input file, by its name's ending: Parquet unless it is a row file."""
+    """The reader of one input file (a path or a store URI, through the storage seam), by
+    its name's ending: Parquet unless it is a row file."""
     if not is_row_file(path):
-        return pq.ParquetFile(path)
-    if path.lower().endswith(".gz"):  # no seeking in gzip: a shard reads from the top
-        return RowFile(path, lambda: pa.input_stream(path, compression="detect"))
-    return RowFile(path, lambda: pa.OSFile(path), seekable=True)
+        return storage.parquet_file(path)
+    return RowFile(path, row_stream(path), seekable=not path.lower().endswith(".gz"))
+
+
+def row_stream(path: str) -> Opener:
+    """Opens the file for reading: random access, or (gzip: no seeking, a shard reads from
+    the top) a decompressed stream."""
+    fs, inside = storage.locate(path)
+    if path.lower().endswith(".gz"):
+        return lambda: fs.open_input_stream(inside, compression="gzip")
+    return lambda: fs.open_input_file(inside)
 
 
 def content_sha256(open_stream: Opener) -> str:

@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from batchrun.errors import InputDataError, ResumeRefused
 from batchrun.io import storage
-from batchrun.io.formats import content_sha256, is_row_file, open_input
+from batchrun.io.formats import content_sha256, is_row_file, open_input, row_stream
 from batchrun.io.shards import input_root
 from batchrun.io.storage import commit_bytes, join
 from batchrun.spec import JobSpec
@@ -67,8 +65,7 @@ class Fingerprint(BaseModel):
 
 def _footer_hash(path: str) -> tuple[int, str]:
     if is_row_file(path):  # JSONL/CSV: no footer; the content stands for it
-        return open_input(path).metadata.num_rows, content_sha256(
-            lambda: pa.input_stream(path, compression="detect"))
+        return open_input(path).metadata.num_rows, content_sha256(row_stream(path))
     meta = storage.read_footer(path)
     digest = hashlib.sha256(meta.schema.to_arrow_schema().serialize().to_pybytes())
     for i in range(meta.num_row_groups):
@@ -85,7 +82,7 @@ def fingerprint(spec: JobSpec, files: list[str],
     inputs, root = [], input_root(spec)
     for f in files:
         rows, sha = _footer_hash(f)
-        inputs.append(InputFile(name=Path(os.path.relpath(f, root)).as_posix(),
+        inputs.append(InputFile(name=storage.relative(f, root),
                                 size=storage.size(f), rows=rows, footer_sha256=sha))
     fields = spec.model_dump(include=set(_REQUEST_FIELDS), mode="json")
     if spec.task != "chat":  # other kinds ask other questions; chat outputs keep their hash

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from batchrun.api.rawbody import is_raw_input
 from batchrun.api.templates import template_columns
 from batchrun.errors import InputDataError, ResumeRefused, SpecError
-from batchrun.io import storage
+from batchrun.io import storage, stores
 from batchrun.io.formats import RowFile, is_row_file, open_input
 from batchrun.io.rows import RowBuilder, check_batch_file, first_url
 from batchrun.io.storage import commit_bytes, join
@@ -93,9 +93,33 @@ def carry_schema(spec: JobSpec, shards: list[Shard]) -> pa.Schema | None:
     return pa.schema([schema.field(c) for c in spec.carry_columns])
 
 
+def _store_files(src: str) -> list[str]:
+    """The Parquet objects a store URI names (one object, a prefix or a glob), as URIs.
+    A glob is matched with ``fnmatch`` on the whole key: ``*`` also matches ``/``."""
+    stores.preflight(src, "input")
+    scheme = stores.scheme_of(src)
+    fs, path = storage.locate(src)
+    if any(ch in path for ch in "*?["):
+        base = path[:min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+        found = [p for p in storage.list_files(base, fs=fs, recursive=True)
+                 if fnmatch.fnmatchcase(p, path)]
+    elif storage.exists(path, fs=fs) and not storage.is_dir(path, fs=fs):
+        found = [path]
+    else:
+        listed = storage.list_files(path.rstrip("/"), fs=fs, recursive=True)
+        found = ([p for p in listed if p.endswith(".parquet")]  # no Parquet: JSONL/CSV
+                 or [p for p in listed if is_row_file(p)])
+    if not found:
+        raise InputDataError(f"input: {src}: holds no Parquet objects (*.parquet), nor JSONL "
+                             "or CSV ones; check the prefix, or upload the input there")
+    return [stores.uri(scheme, p) for p in found]
+
+
 def input_files(spec: JobSpec) -> list[str]:
     """The Parquet files named by ``spec.input`` (a file, a folder or a glob), sorted."""
     src = spec.input
+    if stores.is_store(src):
+        return _store_files(src)
     if any(ch in src for ch in "*?["):
         files = sorted(f for f in glob.glob(src, recursive=True) if os.path.isfile(f))
     elif os.path.isdir(src):
@@ -115,6 +139,9 @@ def input_files(spec: JobSpec) -> list[str]:
 def input_root(spec: JobSpec) -> str:
     """The folder the input's file names are relative to (row ids, the fingerprint)."""
     src = spec.input
+    if stores.is_store(src) and not any(ch in src for ch in "*?["):
+        return src.rstrip("/") if src.endswith("/") or storage.is_dir(src) else (
+            src.rsplit("/", 1)[0])
     if os.path.isdir(src):
         return src
     return os.path.dirname(src.split("*")[0].split("?")[0].split("[")[0]) or "."
@@ -153,6 +180,12 @@ def _inside(path: str, folder: str) -> bool:
 
 def _output_is_input(spec: JobSpec) -> bool:
     """Whether the results would be read back as input by the next run."""
+    if stores.is_store(spec.input) or stores.is_store(spec.output):
+        out, src = spec.output.rstrip("/"), spec.input
+        if any(ch in src for ch in "*?["):
+            return any(fnmatch.fnmatchcase(f"{out}/{sample}", src) for sample in (
+                "results/shard-000000.parquet", "parts/shard-000000/part-0.parquet"))
+        return f"{out}/".startswith(src.rstrip("/") + "/")
     out = os.path.realpath(spec.output)
     src = spec.input
     if not any(ch in src for ch in "*?["):
@@ -263,7 +296,7 @@ def plan_shards(spec: JobSpec, files: list[str] | None = None) -> list[Shard]:
     root = input_root(spec)
     shards: list[Shard] = []
     for path in files:
-        prefix = os.path.relpath(path, root)
+        prefix = storage.relative(path, root)
         for a, b in _file_shards(_open(path), size):
             shards.append(Shard(len(shards), path, a, b, prefix))
     return shards

@@ -25,6 +25,7 @@ import contextlib
 import errno
 import os
 import posixpath
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -35,10 +36,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchrun.errors import OutputError
+from batchrun.io import stores
 
 __all__ = ["Staged", "Where", "check_writable", "commit", "commit_bytes", "commit_table",
-           "delete", "exists", "join", "list_files", "locate", "move", "output_error",
-           "read_bytes", "read_footer", "read_table", "reason", "remove_empty_dir", "size"]
+           "delete", "exists", "is_dir", "join", "list_files", "locate", "move", "output_error",
+           "parquet_file", "read_bytes", "read_footer", "read_table", "reason", "relative",
+           "remove_empty_dir", "size"]
 
 Where = str | os.PathLike[str]
 FS: TypeAlias = "pafs.FileSystem | None"
@@ -66,6 +69,12 @@ def locate(where: Where, fs: FS = None) -> tuple[pafs.FileSystem, str]:
     text = os.fspath(where)
     if fs is not None:
         return fs, text
+    if stores.is_store(text):  # s3://, gs://: configured by stores.py, path = bucket/key
+        scheme, path = stores.split(text)
+        try:
+            return stores.filesystem(scheme), path
+        except (pa.ArrowInvalid, OSError) as e:
+            raise output_error(text, str(e)) from None
     if "://" in text:
         try:
             return pafs.FileSystem.from_uri(text)
@@ -85,6 +94,27 @@ def read_bytes(where: Where, *, fs: FS = None) -> bytes:
     fs, path = locate(where, fs)
     with fs.open_input_stream(path) as f:
         return bytes(f.read())
+
+
+def parquet_file(where: Where, *, fs: FS = None) -> pq.ParquetFile:
+    """A Parquet file opened for lazy reads (footer now, row groups on demand)."""
+    fs, path = locate(where, fs)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return pq.ParquetFile(path)  # memory-mapped reads, as before
+    return pq.ParquetFile(fs.open_input_file(path))
+
+
+def relative(path: str, root: str) -> str:
+    """``path`` relative to the folder (or prefix) ``root``, '/' separated."""
+    if stores.is_store(path) or stores.is_store(root):
+        return posixpath.relpath(path.split("://", 1)[-1], root.split("://", 1)[-1].rstrip("/"))
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def is_dir(where: Where, *, fs: FS = None) -> bool:
+    """A folder, or on a store a prefix holding objects."""
+    fs, path = locate(where, fs)
+    return bool(fs.get_file_info(path).type == pafs.FileType.Directory)
 
 
 def read_table(where: Where, *, fs: FS = None, columns: list[str] | None = None) -> pa.Table:
@@ -142,11 +172,15 @@ def move(src: Where, dst: Where, *, fs: FS = None) -> None:
 
 
 def remove_empty_dir(where: Where, *, fs: FS = None) -> None:
-    """Tidy a local folder left empty (an object store has no folders to tidy)."""
+    """Tidy a folder left empty; on an object store, the folder marker pyarrow leaves
+    when it deletes a folder's last object (only once nothing is left under it)."""
     fs, path = locate(where, fs)
     if isinstance(fs, pafs.LocalFileSystem):
         with contextlib.suppress(OSError):
             os.rmdir(path)
+    elif not list_files(path, fs=fs, recursive=True):
+        with contextlib.suppress(OSError):
+            fs.delete_dir(path)
 
 
 # -- the one commit ----------------------------------------------------------------------
@@ -162,37 +196,47 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _local(fs: pafs.FileSystem, where: Where) -> None:
-    # An object store renames by copying: it needs a conditional put, added here later.
-    if not isinstance(fs, pafs.LocalFileSystem):
-        raise output_error(where, f"{fs.type_name} storage has no atomic commit yet; "
-                           "use a local folder")
+_SPOOL_BYTES = 64 * 2**20  # a staged object is kept in memory up to this, then on disk
 
 
 class Staged:
     """A file written under a temporary name next to its target: ``commit`` puts it in
     place atomically (see above), ``discard`` drops it. Every failure is ``OutputError``
-    naming the target, and leaves the old content in place."""
+    naming the target, and leaves the old content in place.
+
+    On an object store the content is staged in this process (memory, then a temporary
+    file) and ``commit`` uploads it as one object: a PUT (or a multipart upload, completed
+    last) makes the whole object visible at once or not at all, with no rename."""
 
     def __init__(self, where: Where, *, fs: FS = None):
         fs, path = locate(where, fs)
-        _local(fs, where)
+        self._fs: pafs.FileSystem | None = None
+        if not isinstance(fs, pafs.LocalFileSystem):
+            self._fs, self.path = fs, Path(path)
+            scheme = {"s3": "s3", "gcs": "gs"}.get(fs.type_name)
+            self.where = f"{scheme}://{path}" if scheme and "://" not in path else path
+            self.file: BinaryIO = tempfile.SpooledTemporaryFile(_SPOOL_BYTES)  # type: ignore[assignment]  # noqa: SIM115
+            return
         self.path = Path(path)
+        self.where = os.fspath(self.path)
         self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit
+            self.file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit
         except OSError as e:
-            raise output_error(self.path, e) from None
+            raise output_error(self.where, e) from None
 
     def write(self, data: bytes) -> None:
         try:
             self.file.write(data)
         except OSError as e:
             self.discard()
-            raise output_error(self.path, e) from None
+            raise output_error(self.where, e) from None
 
     def commit(self) -> None:
+        if self._fs is not None:
+            self._upload(self._fs)
+            return
         try:
             with self.file:
                 self.file.flush()
@@ -201,13 +245,43 @@ class Staged:
             _fsync_dir(self.path.parent)  # and the rename itself survives a power cut
         except OSError as e:
             self.discard()
-            raise output_error(self.path, e) from None
+            raise output_error(self.where, e) from None
+
+    def _upload(self, fs: pafs.FileSystem) -> None:
+        try:
+            with self.file:
+                if self._put_small(fs):
+                    return
+                self.file.seek(0)
+                with fs.open_output_stream(self.path.as_posix()) as out:
+                    while chunk := self.file.read(8 * 2**20):
+                        out.write(chunk)
+        except OSError as e:  # the SDK's retries are spent: the store stays down
+            raise OutputError(
+                f"output: cannot write {self.where}: {stores.short(e)}; the store failed "
+                f"{stores.RETRY_ATTEMPTS} tries: check it (endpoint, permissions, outage), "
+                "then run the same command again (it resumes)") from None
+
+    def _put_small(self, fs: pafs.FileSystem) -> bool:
+        """An object that fits in memory goes to S3 in one PUT (boto3, the s3 extra)."""
+        size = self.file.seek(0, os.SEEK_END)
+        if fs.type_name != "s3" or size > _SPOOL_BYTES or not self.where.startswith("s3://"):
+            return False
+        from batchrun.io.conditional import S3Conditional, conditional_for
+
+        cond, path = conditional_for(self.where)
+        if not isinstance(cond, S3Conditional):
+            return False
+        self.file.seek(0)
+        cond.put(path, self.file.read())
+        return True
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
             self.file.close()
-        with contextlib.suppress(OSError):  # the folder may be the unwritable thing
-            self._tmp.unlink(missing_ok=True)
+        if self._fs is None:
+            with contextlib.suppress(OSError):  # the folder may be the unwritable thing
+                self._tmp.unlink(missing_ok=True)
 
 
 def commit(where: Where, write: Callable[[BinaryIO], None], *, fs: FS = None) -> None:
@@ -218,7 +292,7 @@ def commit(where: Where, write: Callable[[BinaryIO], None], *, fs: FS = None) ->
         write(staged.file)
     except OSError as e:
         staged.discard()
-        raise output_error(staged.path, e) from None
+        raise output_error(staged.where, e) from None
     except BaseException:
         staged.discard()
         raise
@@ -247,8 +321,12 @@ def _is_vector(typ: pa.DataType) -> bool:
 
 def check_writable(folder: Where, *, fs: FS = None) -> None:
     """Fail before any request is sent, not after paying for the first answers."""
+    if fs is None and stores.is_store(os.fspath(folder)):
+        stores.preflight(os.fspath(folder), "output")
+        return
     fs, root = locate(folder, fs)
-    _local(fs, folder)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return  # a store reached by its filesystem object: checked where it was named
     probe = Path(root) / f".write-probe-{uuid.uuid4().hex[:8]}"
     try:
         probe.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import posixpath
 import time
 import uuid
@@ -35,7 +36,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchrun.api.records import RESULT_FIELDS, result_schema
-from batchrun.io import storage
+from batchrun.errors import OutputError
+from batchrun.io import storage, stores
+from batchrun.io.conditional import ConditionalStore, conditional_for
 from batchrun.io.storage import Where, join, output_error
 
 log = logging.getLogger("batchrun")
@@ -68,6 +71,13 @@ class ResultsStore:
     def __init__(self, output: Where, schema: pa.Schema, *, fs: pafs.FileSystem | None = None):
         self.fs, self.root = storage.locate(output, fs)
         self.schema = schema
+        # an object store named by its URI: finals are committed by a conditional write
+        scheme = stores.scheme_of(os.fspath(output)) if fs is None else ""
+        scheme = scheme if scheme in stores.SCHEMES else ""
+        self.cond_scheme = scheme
+        self.cond: ConditionalStore | None = (
+            conditional_for(stores.uri(scheme, self.root))[0] if scheme else None)
+        self._versions: dict[str, str | None] = {}  # final file versions read by _gather
 
     def final_path(self, shard_name: str) -> str:
         return join(self.root, "results", f"{shard_name}.parquet")
@@ -90,7 +100,10 @@ class ResultsStore:
 
     def check_writable(self) -> None:
         """Fail before any request is sent, not after paying for the first batch."""
-        storage.check_writable(self.root, fs=self.fs)
+        if self.cond_scheme:  # a store: credentials, bucket and a probe object (stores.py)
+            storage.check_writable(stores.uri(self.cond_scheme, self.root))
+        else:
+            storage.check_writable(self.root, fs=self.fs)
 
     def _conform(self, table: pa.Table) -> pa.Table:
         """By column name: a file from a run with other optional columns (batch_id,
@@ -129,7 +142,7 @@ class ResultsStore:
         hold), and the names of every part on disk whose rows they include."""
         tables: list[pa.Table] = []
         merged: frozenset[str] = frozenset()
-        final = self._read(self.final_path(shard_name))
+        final = self._read_final(shard_name)
         if final is not None:
             merged = merged_parts(final.schema.metadata)
             tables.append(self._conform(final))
@@ -142,6 +155,44 @@ class ResultsStore:
                 tables.append(self._conform(t))
                 held.add(name)
         return tables, held
+
+    def _read_final(self, shard_name: str) -> pa.Table | None:
+        """The final file; on a store also its version, the condition of the next commit."""
+        path = self.final_path(shard_name)
+        if self.cond is None:
+            return self._read(path)
+        try:
+            got = self.cond.read_with_version(path)
+        except OSError as e:
+            raise output_error(path, e, verb="read") from None
+        self._versions[shard_name] = got[1] if got else None
+        if got is None:
+            return None
+        try:
+            return pq.read_table(pa.BufferReader(got[0]))
+        except pa.ArrowInvalid:
+            return self._read(path)  # quarantines it: the next commit creates the file anew
+
+    def _commit_final(self, shard_name: str, table: pa.Table) -> None:
+        """Commit the final file: on a store by one conditional write, so that of two
+        drivers of one output only one can commit a shard (the other stops)."""
+        path = self.final_path(shard_name)
+        if self.cond is None:
+            storage.commit_table(path, table, fs=self.fs)
+            return
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
+        version = self._versions.pop(shard_name, None)
+        try:
+            ok = (self.cond.put_if_absent(path, data) if version is None
+                  else self.cond.put_if_version(path, data, version))
+        except OSError as e:
+            raise output_error(path, e) from None
+        if not ok:
+            raise OutputError(f"output: {stores.uri(self.cond_scheme, path)}: {shard_name} was "
+                              "committed by another run of this job meanwhile (two drivers on "
+                              "one output); stop the other run, then run again (it resumes)")
 
     def read_shard(self, shard_name: str) -> pa.Table | None:
         """Every result recorded for the shard, oldest first (duplicates not yet removed)."""
@@ -170,8 +221,7 @@ class ResultsStore:
         if len(last) != len(ids):
             table = table.take(sorted(last.values()))
         meta = {**(table.schema.metadata or {}), MERGED_KEY: json.dumps(sorted(held)).encode()}
-        storage.commit_table(self.final_path(shard_name),
-                             table.replace_schema_metadata(meta), fs=self.fs)
+        self._commit_final(shard_name, table.replace_schema_metadata(meta))
         self._delete_parts(shard_name, held)
         return table.num_rows
 
@@ -181,7 +231,10 @@ class ResultsStore:
         folder = self._parts_dir(shard_name)
         for name in sorted(names):
             with contextlib.suppress(OSError):
-                storage.delete(join(folder, name), fs=self.fs)
+                if self.cond is not None:  # one DELETE; pyarrow's adds a folder marker
+                    self.cond.delete(join(folder, name))
+                else:
+                    storage.delete(join(folder, name), fs=self.fs)
         storage.remove_empty_dir(folder, fs=self.fs)
 
     def final_rows(self, shard_name: str) -> int | None:

@@ -1,4 +1,4 @@
-"""Budget arithmetic (pure) and the daily ledger shared by jobs (a locked JSON file per day).
+"""Budget arithmetic (pure) and the daily ledger shared by jobs (a JSON document per day).
 
 Both count money in integers (pico-USD in ``BudgetBook``, nano-USD in the ledger's
 files) so that hundreds of reserve/settle/release calls add up exactly: a float sum
@@ -14,19 +14,16 @@ tokenizer differences of up to 2% so that overruns do not occur in practice.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from batchrun.errors import SpecError
+from batchrun.money.ledger_store import DayStore, day_store
 
 __all__ = ["DEFAULT_MARGIN", "NANO", "BudgetBook", "DailyLedger", "nano_usd"]
 
@@ -151,13 +148,15 @@ def _zone(name: str) -> ZoneInfo:
 
 
 class DailyLedger:
-    """A per-day spending cap shared by every job writing to the same folder.
+    """A per-day spending cap shared by every job writing to the same folder or prefix.
 
-    Layout: ``<folder>/ledger.lock`` (taken with ``fcntl.flock`` around every
-    read-modify-write) and ``<folder>/<YYYY-MM-DD>.json`` per day, the date counted in
-    ``timezone``: ``{"date", "timezone", "jobs": {job_id: {"spent_nusd", "reserved_nusd"}}}``
-    (integers, nano-USD). Jobs reserve in chunks (``reserve_chunk``) and spend them
-    from a local ``BudgetBook``, so the hot path takes no file lock per request.
+    Layout: ``<folder>/<YYYY-MM-DD>.json`` per day, the date counted in ``timezone``:
+    ``{"date", "timezone", "jobs": {job_id: {"spent_nusd", "reserved_nusd"}}}`` (integers,
+    nano-USD). Every change is a read-modify-write of one day's document, made atomic by
+    ``ledger_store``: under ``flock`` in a local folder, by compare-and-swap on an object
+    store URI (``s3://bucket/ledger/``), so jobs on different machines never overspend.
+    Jobs reserve in chunks (``reserve_chunk``) and spend them from a local ``BudgetBook``,
+    so the hot path takes no lock and makes no store request per request.
 
     A settle is charged to the day its chunk was reserved on: a chunk taken at 23:59
     counts against that day's allowance, so neither day can exceed ``daily_usd``.
@@ -170,9 +169,9 @@ class DailyLedger:
         daily_usd: float | None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = os.fspath(folder)
         self.tz = _zone(timezone)
+        self._days: DayStore = day_store(folder, str(self.tz))
         self._cap = None if daily_usd is None else _units(daily_usd, _NANO, up=False)
         self._clock = clock or (lambda: datetime.now(tz=_UTC))
         self._open_days: dict[str, set[str]] = {}
@@ -188,26 +187,30 @@ class DailyLedger:
         """Reserve up to ``usd`` of today's remaining allowance; returns what was granted."""
         want = _units(usd, _NANO)
         day = self.day_key()
-        with self._locked():
-            doc = self._read(day)
+
+        def change(doc: dict[str, Any]) -> tuple[int, bool]:
             rem = want if self._cap is None else max(0, self._cap - _total(doc))
             grant = min(want, rem)
             if grant:
                 self._job(doc, job_id)["reserved_nusd"] += grant
-                self._write(day, doc)
-                self._open_days.setdefault(job_id, set()).add(day)
+            return grant, bool(grant)
+
+        grant = self._days.update(day, change)
+        if grant:
+            self._open_days.setdefault(job_id, set()).add(day)
         return grant / _NANO
 
     def settle(self, job_id: str, reserved: float, actual: float) -> None:
         """Move ``reserved`` of the job's chunk to spent, as ``actual`` (the real cost)."""
         res, act = _units(reserved, _NANO), _units(actual, _NANO)
-        with self._locked():
-            day = self._settle_day(job_id)
-            doc = self._read(day)
+
+        def change(doc: dict[str, Any]) -> tuple[None, bool]:
             job = self._job(doc, job_id)
             job["reserved_nusd"] = max(0, job["reserved_nusd"] - res)
             job["spent_nusd"] += act
-            self._write(day, doc)
+            return None, True
+
+        self._days.update(self._settle_day(job_id), change)
 
     def release_all(self, job_id: str) -> float:
         """Return every unused reservation of ``job_id`` (job end). Returns the USD released."""
@@ -221,65 +224,35 @@ class DailyLedger:
         return self._clear_reserved(job_id, to_spent=True)
 
     def _clear_reserved(self, job_id: str, *, to_spent: bool) -> float:
-        cleared = 0
-        with self._locked():
-            for path in sorted(self.folder.glob("????-??-??.json")):  # every day: a crash
-                doc = self._read(path.stem)                            # may be days old
-                job = doc["jobs"].get(job_id)
-                if job and job["reserved_nusd"]:
-                    cleared += job["reserved_nusd"]
-                    if to_spent:
-                        job["spent_nusd"] += job["reserved_nusd"]
-                    job["reserved_nusd"] = 0
-                    self._write(path.stem, doc)
-        return cleared / _NANO
+        def change(doc: dict[str, Any]) -> tuple[int, bool]:
+            job = doc["jobs"].get(job_id)
+            if not (job and job["reserved_nusd"]):
+                return 0, False
+            cleared = int(job["reserved_nusd"])
+            if to_spent:
+                job["spent_nusd"] += cleared
+            job["reserved_nusd"] = 0
+            return cleared, True
+
+        # every day: a crash may be days old
+        return sum(self._days.update(day, change) for day in self._days.days()) / _NANO
 
     def totals(self, day: str | None = None) -> dict[str, float]:
         """``{"spent", "reserved", "remaining"}`` of a day (default today), USD."""
-        key = day or self.day_key()
-        with self._locked():
-            doc = self._read(key)
+        doc = self._days.read(day or self.day_key())
         spent = sum(j["spent_nusd"] for j in doc["jobs"].values())
         reserved = sum(j["reserved_nusd"] for j in doc["jobs"].values())
         remaining = math.inf if self._cap is None else max(0, self._cap - spent - reserved) / _NANO
         return {"spent": spent / _NANO, "reserved": reserved / _NANO, "remaining": remaining}
 
-    # -- file handling ---------------------------------------------------------------
-
     def _settle_day(self, job_id: str) -> str:
         # The oldest day this process reserved on and still holds a reservation for;
         # else today (a settle without a known chunk is still recorded, never lost).
         for day in sorted(self._open_days.get(job_id, ())):
-            job = self._read(day)["jobs"].get(job_id)
+            job = self._days.read(day)["jobs"].get(job_id)
             if job and job["reserved_nusd"] > 0:
                 return day
         return self.day_key()
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.folder / "ledger.lock", "a+b") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-    def _read(self, day: str) -> dict[str, Any]:
-        try:
-            doc: dict[str, Any] = json.loads((self.folder / f"{day}.json").read_text())
-        except FileNotFoundError:
-            doc = {"date": day, "timezone": str(self.tz), "jobs": {}}
-        return doc
-
-    def _write(self, day: str, doc: dict[str, Any]) -> None:
-        # Write-then-rename: a crash mid-write leaves the previous day file intact.
-        path = self.folder / f"{day}.json"
-        tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
 
     @staticmethod
     def _job(doc: dict[str, Any], job_id: str) -> dict[str, int]:

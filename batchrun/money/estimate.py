@@ -39,6 +39,7 @@ from batchrun.api.protocols import RequestKind, inputs_per_request, output_token
 from batchrun.api.registry import kind_for
 from batchrun.api.tokens import encoding_name_for
 from batchrun.errors import UserError
+from batchrun.io import stores
 from batchrun.io.shards import Shard, iter_shard_rows, plan_shards
 from batchrun.money.estimate_render import NIGHTS_PER_MONTH, render_compare, render_estimate
 from batchrun.money.pricing import (
@@ -347,6 +348,7 @@ def estimate_command(
     """
     try:
         spec = load_spec(spec_path, ds=ds)
+        stores.configure(spec.storage)  # an input in a store: its endpoint
         _check_ratio(expected_output_ratio)
         shards = plan_shards(spec)
         rows = sum(s.num_rows for s in shards)

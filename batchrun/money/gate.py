@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchrun.api.registry import kind_for
+from batchrun.io import stores
 from batchrun.io.shards import RequestRow
+from batchrun.io.stores import StoreConfig
 from batchrun.money.budget import DEFAULT_MARGIN, NANO, BudgetBook, DailyLedger, nano_usd
 from batchrun.money.pricing import ModelPrice, worst_case_usd
 from batchrun.spec import JobSpec
@@ -53,6 +55,7 @@ class BudgetConfig:
     ledger_dir: str | None = None
     timezone: str = "UTC"
     job_id: str = ""
+    storage: StoreConfig | None = None  # a ledger in a store: its endpoint (no secrets)
 
 
 def ledger_id(spec: JobSpec) -> str:
@@ -70,7 +73,8 @@ def config_for(spec: JobSpec, committed_usd: float = 0.0) -> BudgetConfig | None
         return None
     cap = None if b.max_cost_usd is None else max(0.0, b.max_cost_usd - committed_usd)
     return BudgetConfig(job_cap_usd=cap, daily_usd=b.daily_usd, ledger_dir=b.ledger_dir,
-                        timezone=b.timezone, job_id=ledger_id(spec))
+                        timezone=b.timezone, job_id=ledger_id(spec),
+                        storage=stores.config() if stores.is_store(b.ledger_dir or "") else None)
 
 
 def row_worst_usd(spec: JobSpec, price: ModelPrice | None, row: RequestRow) -> float:
@@ -123,6 +127,8 @@ class Gate:
             return cls(None)
         ledger = None
         if cfg.daily_usd is not None and cfg.ledger_dir:
+            if cfg.storage is not None:  # the limiter actor may run on another node
+                stores.configure(cfg.storage)
             ledger = DailyLedger(cfg.ledger_dir, cfg.timezone, cfg.daily_usd)
         return cls(cfg.job_cap_usd, ledger, cfg.job_id, block_usd=block_usd,
                    restarted=restarted)

@@ -31,6 +31,7 @@ from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
 from batchrun.engine.routes import engine_client
 from batchrun.errors import ClusterError
+from batchrun.io import stores
 from batchrun.io.shards import RequestRow, Shard, iter_shard_rows
 from batchrun.limits.limiter import SLOT_VALIDITY_S, limiter_name
 from batchrun.limits.permits import LeaseAnswer, PermitPool
@@ -57,6 +58,7 @@ class Worker:
     def __init__(self, spec: JobSpec, concurrency: int, schema: pa.Schema,
                  budgeted: bool = False, structured: Structured | None = None):
         self._spec = spec
+        stores.configure(spec.storage)  # the driver's resolved endpoint; keys from this node
         self._budgeted = budgeted
         # built by the driver: a `pydantic:` model may not import on this node
         self._structured = structured

@@ -130,7 +130,10 @@ class Package:
 def _copy_input(spec: JobSpec, dest: Path) -> tuple[str | None, str]:
     """Copy a small local input into ``dest/input``; returns (new input, note)."""
     from batchrun.io.shards import _root_of, input_files
+    from batchrun.io.stores import is_store
 
+    if is_store(spec.input):  # the cluster's workers read it from the store themselves
+        return None, f"input {spec.input} is read from the store: nothing uploaded"
     files = input_files(spec)  # raises InputDataError when the path is not here
     size = sum(os.path.getsize(f) for f in files)
     if size > SMALL_INPUT_BYTES or not all(f.endswith(".parquet") for f in files):

@@ -131,11 +131,18 @@ def test_kill_9_in_the_middle_of_commits_never_leaves_a_torn_file(tmp_path: Path
     assert seen  # the file was readable whole after every kill
 
 
-def test_non_local_filesystems_are_refused_until_they_have_a_commit(tmp_path: Path) -> None:
+def test_other_filesystems_commit_by_one_whole_upload(tmp_path: Path) -> None:
+    """A filesystem other than the local one (an object store) gets the content staged in
+    the process and uploaded whole at commit; a failed write leaves nothing behind."""
     fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
-    with pytest.raises(OutputError, match="subtree storage has no atomic commit yet"):
-        storage.commit_bytes("x.json", b"{}", fs=fs)
-    assert not (tmp_path / "x.json").exists()
+    staged = storage.Staged("x.json", fs=fs)
+    staged.write(b"{}")
+    assert not (tmp_path / "x.json").exists()  # nothing visible before the commit
+    staged.commit()
+    assert (tmp_path / "x.json").read_bytes() == b"{}"
+    with pytest.raises(RuntimeError):
+        storage.commit("y.json", lambda f: (_ for _ in ()).throw(RuntimeError("x")), fs=fs)
+    assert not (tmp_path / "y.json").exists()
 
 
 # -- D4: one wording, whoever writes ------------------------------------------------------

@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from batchrun.errors import OutputError
 from batchrun.io import storage
 from batchrun.io.summary import summarize
 from batchrun.io.writer import ResultsStore, result_schema
@@ -59,8 +58,11 @@ def test_a_staged_file_is_committed_whole_or_discarded(tmp_path: Path) -> None:
     assert target.read_bytes() == b'{"a":1}\n'
     assert [p.name for p in target.parent.iterdir()] == [target.name]
     sub = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
-    with pytest.raises(OutputError, match="no atomic commit yet"):
-        storage.Staged("batch/x.jsonl", fs=sub)  # the conditional put comes with issue 14
+    up = storage.Staged("batch/x.jsonl", fs=sub)  # issue 14: staged here, uploaded whole
+    up.write(b"x")
+    assert not (tmp_path / "batch" / "x.jsonl").exists()
+    up.commit()
+    assert (tmp_path / "batch" / "x.jsonl").read_bytes() == b"x"
 
 
 def _rows(ids: list[str], cost: float) -> pa.Table:

@@ -2,7 +2,7 @@
 
 Layers, lowest first; a package may import its own modules and lower layers only:
 
-    errors, spec            the error tree and the job spec (engine_spec: its engine: block)
+    errors, spec            the error tree and the job spec (spec/: JobSpec, its parts, its engine: block)
     api                     request kinds, providers, result records, HTTP, retry, tokens
     io                      storage, input shards, results, fingerprint, summary
     sim                     the simulated provider (speaks the api's protocols)
@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "batchrun"
-LAYERS = [{"errors"}, {"engine_spec"}, {"spec"}, {"api"}, {"io"}, {"sim"}, {"money"},
+LAYERS = [{"errors"}, {"spec"}, {"api"}, {"io"}, {"sim"}, {"money"},
           {"limits"}, {"engine"}, {"online", "batch"}, {"runner"}, {"ops", "schedule"},
           {"cli"}, {"__main__"}]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -74,6 +74,14 @@ def _echoable(name: str) -> bool:
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def __init__(self, /, **data: Any) -> None:
+        """Built from Python (``JobSpec(name=..., ...)``): the same checks as a YAML file,
+        and the same one-line ``SpecError``, named after the model instead of the file."""
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise SpecError(_error_line(type(self).__name__, e)) from None
+
 
 class EndpointSpec(_Model):
     api: str = Field(
@@ -316,6 +324,11 @@ class JobSpec(_Model):
             raise ValueError("give exactly one of prompt_column or messages_column")
         return self
 
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, ds: date | str | None = None) -> JobSpec:
+        """Read and validate a job spec file, exactly as ``batchrun run`` does (``load_spec``)."""
+        return load_spec(path, ds=ds)
+
     def with_date(self, ds: date | str) -> JobSpec:
         """This spec with ``{ds}`` in input and output replaced by the run date."""
         s = ds if isinstance(ds, str) else ds.isoformat()
@@ -359,8 +372,10 @@ def _spec_text(p: Path) -> str:
     return text
 
 
-def load_spec(path: str | Path, *, ds: date | str | None = None) -> JobSpec:
-    """Read and validate a job spec; relative paths in it are taken from the spec's folder."""
+def load_spec(path: str | Path, *, ds: date | str | None = None,
+              defaults: dict[str, Any] | None = None) -> JobSpec:
+    """Read and validate a job spec; relative paths in it are taken from the spec's folder.
+    ``defaults``: top-level keys the file may leave out (a Ray Data pipeline's input)."""
     p = Path(path)
     try:
         raw = yaml.safe_load(_spec_text(p))
@@ -373,6 +388,7 @@ def load_spec(path: str | Path, *, ds: date | str | None = None) -> JobSpec:
     for key in ("input", "output"):
         if isinstance(raw.get(key), str) and not os.path.isabs(raw[key]):
             raw[key] = str((p.parent / raw[key]).resolve())
+    raw = {**(defaults or {}), **raw}
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:

@@ -270,6 +270,11 @@ class BatchSettings(_Model):
 
 
 class JobSpec(_Model):
+    """A job: its input, model, generation settings, limits, retries, budget and output.
+
+    ``JobSpec.from_yaml(path)`` reads a spec file; ``JobSpec(name=..., ...)`` builds the
+    same model in Python, with the same checks and the same one-line ``SpecError``."""
+
     name: str = Field(..., description="Job name; names the Ray actors batchrun:<name>:...")
     input: str = Field(..., description="Parquet file, folder or glob; may use {ds}.")
     task: str = Field(

@@ -50,7 +50,7 @@ def run_batchrun(path: str, args: argparse.Namespace) -> dict[str, Any]:
                 "generation": {"max_tokens": MAX_TOKENS, "temperature": 0.2},
                 "limits": {"rpm": args.rpm, "max_concurrency": 64}}
         t0 = time.monotonic()
-        ds = ray.data.read_parquet(path, override_num_blocks=4 * args.actors)
+        ds = ray.data.read_parquet(path).repartition(4 * args.actors)
         out = brd.complete(ds, spec, concurrency=args.actors)
         n = ok = 0
         for b in out.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -79,7 +79,7 @@ def run_ray_llm(path: str, args: argparse.Namespace) -> dict[str, Any]:
         n = ok = 0
         error = None
         try:
-            ds = ray.data.read_parquet(path, override_num_blocks=4 * args.actors)
+            ds = ray.data.read_parquet(path).repartition(4 * args.actors)
             for b in proc(ds).iter_batches(batch_format="pyarrow", batch_size=None):
                 n += b.num_rows
                 ok += sum(bool(x) for x in b["ok"].to_pylist())

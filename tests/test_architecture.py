@@ -11,6 +11,7 @@ Layers, lowest first; a package may import its own modules and lower layers only
     online, batch           the two ways a job is sent
     runner                  one job: prepare, run a mode, summarize
     ops, schedule           submit/status on a cluster, nightly runs
+    public, ray_data        the Python API (batchrun.run ...) and the Ray Data operator
     cli                     the command line
 
 commcheck is independent: it imports nothing else of batchrun.
@@ -24,7 +25,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "batchrun"
 LAYERS = [{"errors"}, {"spec"}, {"api"}, {"io"}, {"sim"}, {"money"}, {"limits"},
-          {"online", "batch"}, {"runner"}, {"ops", "schedule"}, {"cli"}, {"__main__"}]
+          {"online", "batch"}, {"runner"}, {"ops", "schedule"},
+          {"public", "ray_data"}, {"cli"}, {"__main__"}]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 MAX_MODULE_LINES = 420
 

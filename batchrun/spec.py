@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic._internal._model_construction import ModelMetaclass
 
 from batchrun.errors import SecretError, SpecError
 
@@ -71,16 +72,21 @@ def _echoable(name: str) -> bool:
             and not any(_TOKEN_PART_RE.fullmatch(p) for p in name.split("_")))
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _OneLine(ModelMetaclass):
+    """Built from Python (``JobSpec(name=..., ...)``): the same checks as a YAML file, and
+    the same one-line ``SpecError``, named after the model instead of the file. On the
+    class's call, not in ``__init__``: pydantic calls an ``__init__`` of a nested model
+    while it validates the outer one, and ``load_spec`` must see the outer error."""
 
-    def __init__(self, /, **data: Any) -> None:
-        """Built from Python (``JobSpec(name=..., ...)``): the same checks as a YAML file,
-        and the same one-line ``SpecError``, named after the model instead of the file."""
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         try:
-            super().__init__(**data)
+            return super().__call__(*args, **kwargs)
         except ValidationError as e:
-            raise SpecError(_error_line(type(self).__name__, e)) from None
+            raise SpecError(_error_line(cls.__name__, e)) from None
+
+
+class _Model(BaseModel, metaclass=_OneLine):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class EndpointSpec(_Model):

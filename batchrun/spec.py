@@ -73,10 +73,8 @@ def _echoable(name: str) -> bool:
 
 
 class _OneLine(ModelMetaclass):
-    """Built from Python (``JobSpec(name=..., ...)``): the same checks as a YAML file, and
-    the same one-line ``SpecError``, named after the model instead of the file. On the
-    class's call, not in ``__init__``: pydantic calls an ``__init__`` of a nested model
-    while it validates the outer one, and ``load_spec`` must see the outer error."""
+    """``JobSpec(name=...)`` in Python fails with load_spec's one-line SpecError, naming the
+    model, not a file (not in ``__init__``: pydantic calls that of nested models too)."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -276,10 +274,7 @@ class BatchSettings(_Model):
 
 
 class JobSpec(_Model):
-    """A job: its input, model, generation settings, limits, retries, budget and output.
-
-    ``JobSpec.from_yaml(path)`` reads a spec file; ``JobSpec(name=..., ...)`` builds the
-    same model in Python, with the same checks and the same one-line ``SpecError``."""
+    """A job's spec: ``JobSpec.from_yaml(path)``, or ``JobSpec(name=...)`` (the same checks)."""
 
     name: str = Field(..., description="Job name; names the Ray actors batchrun:<name>:...")
     input: str = Field(..., description="Parquet file, folder or glob; may use {ds}.")
@@ -385,8 +380,8 @@ def _spec_text(p: Path) -> str:
 
 def load_spec(path: str | Path, *, ds: date | str | None = None,
               defaults: dict[str, Any] | None = None) -> JobSpec:
-    """Read and validate a job spec; relative paths in it are taken from the spec's folder.
-    ``defaults``: top-level keys the file may leave out (a Ray Data pipeline's input)."""
+    """Read and validate a job spec; relative paths in it are taken from the spec's folder
+    (``defaults``: keys it may leave out, as a Ray Data pipeline's input and output)."""
     p = Path(path)
     try:
         raw = yaml.safe_load(_spec_text(p))

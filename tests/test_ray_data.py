@@ -107,3 +107,20 @@ def test_pipeline_spec_takes_a_job_file_without_input_or_output(tmp_path: Any) -
     with pytest.raises(batchrun.SpecError, match="mode: batch"):
         brd.pipeline_spec({"name": "p", "prompt_column": "prompt", "model": "m", "mode": "batch",
                            "generation": {"max_tokens": 8}, "limits": {"rpm": 60}})
+
+
+def test_429_storms_pause_and_every_row_still_gets_one_result(ray_data: None) -> None:
+    # 429 storms of 2 s every 4 s, Retry-After = the storm's rest: the actors wait it out
+    # (RowRunner's pause, told to the shared limiter) and every row still ends ok, once.
+    with start_in_thread(MockConfig(storm_every=4.0, storm_seconds=2.0)) as srv:
+        out = brd.complete(_ds(240), _spec(srv, limits={"rpm": 1200, "max_concurrency": 24},
+                                           retry={"max_attempts": 8, "backoff_base_s": 0.05,
+                                                  "backoff_cap_s": 0.2}),
+                           concurrency=3, batch_size=10)
+        rows = out.take_all()
+        stats = srv.stats()
+    assert sorted(r["k"] for r in rows) == list(range(240))
+    assert {r["status"] for r in rows} == {"ok"}
+    storms = stats["by_outcome"].get("storm", 0)
+    assert storms > 0  # it met a storm and came through
+    assert stats["ok"] == 240  # no row answered twice

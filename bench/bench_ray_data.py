@@ -14,18 +14,55 @@ per 60 s and rpm/6 per 10 s (strict), on one local Ray:
 
 Figures per side, from the provider's ledger and the rows that came out: 429s received,
 rows lost (no output row) or failed (status error), and the achieved rate, accepted
-answers / (last arrival - first arrival) x 60, as a share of ``rpm``.
+answers / (last arrival - first arrival) x 60, as a share of ``rpm``, and the pace per
+10 s from the provider's ledger file (stalled windows: under 90% of rpm/6). With
+``--with-cli``, the same rows through ``batchrun run`` as well: the limiter's baseline on
+this machine at the same moment (these machines are shared; a loaded one drops slots).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
 
-from bench.common import MAX_TOKENS, MODEL, emit, machine, prompts_file, provider
+from bench.common import (
+    MAX_TOKENS,
+    MODEL,
+    WORK,
+    emit,
+    machine,
+    prompts_file,
+    provider,
+    run_cli,
+    write_spec,
+)
+
+
+def _ledger_file(side: str) -> Path:
+    path = WORK / f"ray_data_{side}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    return path
+
+
+def _timeline(path: Path, rpm: int) -> dict[str, Any]:
+    """Accepted arrivals per 10 s from the provider's ledger file: how steady the pace was
+    (a window under 90% of rpm/6 is a stall: a loaded machine, or the pipeline idle)."""
+    times = sorted(r["t"] for r in map(json.loads, path.read_text().splitlines())
+                   if r.get("outcome") == "ok")
+    if not times:
+        return {}
+    counts = [0] * (int((times[-1] - times[0]) // 10) + 1)
+    for t in times:
+        counts[int((t - times[0]) // 10)] += 1
+    full = counts[:-1] or counts  # the last window is cut short by the end of the rows
+    return {"windows_10s": len(full), "stalled_windows": sum(c < 0.9 * rpm / 6 for c in full),
+            "min_10s": min(full), "median_10s": sorted(full)[len(full) // 2]}
 
 
 def _ledger(srv: Any, rows_out: int, ok_rows: int, rows: int, rpm: int) -> dict[str, Any]:
@@ -44,7 +81,8 @@ def _ledger(srv: Any, rows_out: int, ok_rows: int, rows: int, rpm: int) -> dict[
 def run_batchrun(path: str, args: argparse.Namespace) -> dict[str, Any]:
     import batchrun.ray_data as brd
 
-    with provider(rpm=args.rpm, latency_ms=args.latency_ms) as srv:
+    ledger = _ledger_file("batchrun")
+    with provider(rpm=args.rpm, latency_ms=args.latency_ms, ledger_file=str(ledger)) as srv:
         spec = {"name": "bench-ray-data", "prompt_column": "prompt", "model": MODEL,
                 "endpoint": {"base_url": srv.base_url},
                 "generation": {"max_tokens": MAX_TOKENS, "temperature": 0.2},
@@ -57,14 +95,30 @@ def run_batchrun(path: str, args: argparse.Namespace) -> dict[str, Any]:
             n += b.num_rows
             ok += sum(s == "ok" for s in b["status"].to_pylist())
         wall = time.monotonic() - t0
-        return {**_ledger(srv, n, ok, args.rows, args.rpm), "wall_s": round(wall, 1)}
+        figures = _ledger(srv, n, ok, args.rows, args.rpm)
+    return {**figures, "wall_s": round(wall, 1), **_timeline(ledger, args.rpm)}
+
+
+def run_cli_job(args: argparse.Namespace) -> dict[str, Any]:
+    """The baseline of the same machine at the same moment: the same rows through
+    ``batchrun run`` (its own Ray, 2 workers), the limiter the pipeline reuses."""
+    ledger = _ledger_file("cli")
+    with provider(rpm=args.rpm, latency_ms=args.latency_ms, ledger_file=str(ledger)) as srv:
+        spec = write_spec("ray_data_cli", args.rows, srv.base_url,
+                          limits={"rpm": args.rpm, "max_concurrency": 64})
+        summary, wall, rc = run_cli(spec)
+        figures = _ledger(srv, summary.get("rows", 0), summary.get("ok", 0), args.rows,
+                          args.rpm)
+    return {**figures, "wall_s": round(wall, 1), "exit_code": rc,
+            **_timeline(ledger, args.rpm)}
 
 
 def run_ray_llm(path: str, args: argparse.Namespace) -> dict[str, Any]:
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
     qps = max(1, args.rpm // 60 // args.actors)
-    with provider(rpm=args.rpm, latency_ms=args.latency_ms) as srv:
+    ledger = _ledger_file("ray_llm")
+    with provider(rpm=args.rpm, latency_ms=args.latency_ms, ledger_file=str(ledger)) as srv:
         config = HttpRequestProcessorConfig(
             url=srv.base_url + "/chat/completions", qps=qps, concurrency=args.actors,
             max_retries=args.max_retries, batch_size=64)
@@ -86,8 +140,9 @@ def run_ray_llm(path: str, args: argparse.Namespace) -> dict[str, Any]:
         except Exception as e:  # the stage raises once a row's retries are spent
             error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         wall = time.monotonic() - t0
-        return {**_ledger(srv, n, ok, args.rows, args.rpm), "wall_s": round(wall, 1),
-                "qps_per_actor": qps, "max_retries": args.max_retries, "pipeline_error": error}
+        figures = _ledger(srv, n, ok, args.rows, args.rpm)
+    return {**figures, "wall_s": round(wall, 1), **_timeline(ledger, args.rpm),
+            "qps_per_actor": qps, "max_retries": args.max_retries, "pipeline_error": error}
 
 
 def main() -> None:
@@ -98,6 +153,8 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=4)
     ap.add_argument("--max-retries", type=int, default=3)
     ap.add_argument("--only", choices=["batchrun", "ray-llm"], default=None)
+    ap.add_argument("--with-cli", action="store_true",
+                    help="also the same rows through `batchrun run`: the machine's baseline")
     args = ap.parse_args()
     path = str(prompts_file(args.rows))
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -112,6 +169,9 @@ def main() -> None:
     if args.only in (None, "ray-llm"):
         figures["ray_data_llm"] = run_ray_llm(path, args)
         print("ray_data_llm:", figures["ray_data_llm"], flush=True)
+    if args.with_cli:
+        figures["cli_baseline"] = run_cli_job(args)
+        print("cli baseline:", figures["cli_baseline"], flush=True)
     emit("ray_data", figures)
 
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import batchrun
 from batchrun.sim import MockConfig, start_in_thread
-from tests.conftest import make_prompts, write_spec
+from tests.conftest import error_server, make_prompts, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,3 +136,14 @@ def test_two_runs_in_one_process_each_with_its_own_ray(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        timeout=240)
     assert p.stdout.strip().endswith("OK"), p.stderr[-3000:]
+
+
+def test_a_stopped_job_raises_its_error_not_an_exit_code(tmp_path: Path,
+                                                         ray_session: None) -> None:
+    make_prompts(tmp_path / "in.parquet", 200)
+    with error_server(401, lambda auth: "Incorrect API key provided") as (url, _):
+        spec = write_spec(tmp_path, name="api-401", endpoint={"base_url": url})
+        with pytest.raises(batchrun.JobCannotSucceed) as e:
+            batchrun.run(spec)
+    assert "HTTP 401" in str(e.value) and "\n" not in str(e.value)
+    assert not isinstance(e.value, ray.exceptions.RayError)  # batchrun's own, unwrapped

@@ -12,6 +12,7 @@ import ray
 import batchrun
 import batchrun.ray_data as brd
 from batchrun.sim import MockConfig, RunningServer, start_in_thread
+from tests.conftest import error_server
 
 
 @pytest.fixture
@@ -124,3 +125,17 @@ def test_429_storms_pause_and_every_row_still_gets_one_result(ray_data: None) ->
     storms = stats["by_outcome"].get("storm", 0)
     assert storms > 0  # it met a storm and came through
     assert stats["ok"] == 240  # no row answered twice
+
+
+def test_a_job_wide_failure_stops_the_pipeline(ray_data: None) -> None:
+    # every request 401: the breaker trips after its first 20, the shared limiter refuses
+    # every actor's next lease, and the pipeline fails naming the cause, early
+    with error_server(401, lambda auth: "Incorrect API key provided") as (url, calls):
+        spec = {"name": "b", "prompt_column": "prompt", "model": "gpt-4.1-mini",
+                "endpoint": {"base_url": url}, "generation": {"max_tokens": 8},
+                "limits": {"rpm": 100_000}}
+        out = brd.complete(_ds(400, blocks=4), spec, concurrency=2, batch_size=50)
+        with pytest.raises(ray.exceptions.RayTaskError) as e:  # Ray Data wraps the error
+            out.take_all()
+    assert "JobCannotSucceed" in str(e.value) and "HTTP 401" in str(e.value)
+    assert len(calls) < 100  # stopped at the breaker, not after every row's attempts

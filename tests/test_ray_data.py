@@ -139,3 +139,15 @@ def test_a_job_wide_failure_stops_the_pipeline(ray_data: None) -> None:
             out.take_all()
     assert "JobCannotSucceed" in str(e.value) and "HTTP 401" in str(e.value)
     assert len(calls) < 100  # stopped at the breaker, not after every row's attempts
+
+
+def test_response_format_adds_parsed_and_expanded_columns(ray_data: None) -> None:
+    schema = {"type": "object", "additionalProperties": False, "required": ["label", "score"],
+              "properties": {"label": {"type": "string"}, "score": {"type": "integer"}}}
+    with start_in_thread(MockConfig()) as srv:
+        spec = _spec(srv, generation={"max_tokens": 64},
+                     response_format={"json_schema": schema, "expand": True})
+        rows = brd.complete(_ds(30, blocks=2), spec, concurrency=2).take_all()
+    assert len(rows) == 30 and {r["status"] for r in rows} == {"ok"}
+    assert all(isinstance(r["label"], str) and isinstance(r["score"], int) for r in rows)
+    assert all(r["parsed"].startswith("{") for r in rows)

@@ -60,9 +60,11 @@ def run(spec: SpecSource, *, address: str | None = None, progress: bool = False,
     ``spec``: a ``JobSpec`` or the path of a spec file. ``address``: the Ray cluster to
     join (else RAY_ADDRESS, else a local Ray started for this job and stopped after it).
     In a process where Ray is already initialised, the job runs on that Ray and leaves
-    it running. Rows that ended in error are counted in the summary (``errors``,
-    ``errors_by_type``), not raised; a stopped job raises ``BudgetExhausted``,
-    ``JobCannotSucceed`` or ``ClusterError``; bad input raises a ``UserError``.
+    it running. What the CLI says with an exit code after a finished run is in the
+    summary: rows in error (``errors``, ``errors_by_type``; exit 6), a spent budget
+    (``budget_exhausted``, ``unsent``; exit 4), batches still open (``pending_batches``;
+    exit 10). A job stopped early raises ``JobCannotSucceed`` (or ``BudgetExhausted``
+    where a mode stops at once), a lost cluster ``ClusterError``, bad input a ``UserError``.
     """
     opts = RunOptions(address=address, retry_errors=retry_errors, force=force, mode=mode,
                       wait=wait, ds=ds, progress=progress, include_dashboard=include_dashboard,

@@ -116,7 +116,7 @@ def run_cli_job(args: argparse.Namespace) -> dict[str, Any]:
 def run_ray_llm(path: str, args: argparse.Namespace) -> dict[str, Any]:
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
-    qps = max(1, args.rpm // 60 // args.actors)
+    qps = args.qps or max(1, args.rpm // 60 // args.actors)
     ledger = _ledger_file("ray_llm")
     with provider(rpm=args.rpm, latency_ms=args.latency_ms, ledger_file=str(ledger)) as srv:
         config = HttpRequestProcessorConfig(
@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=4)
     ap.add_argument("--max-retries", type=int, default=3)
     ap.add_argument("--only", choices=["batchrun", "ray-llm"], default=None)
+    ap.add_argument("--qps", type=int, default=None,
+                    help="Ray Data LLM's qps per actor (default: the limit's per-actor share)")
     ap.add_argument("--with-cli", action="store_true",
                     help="also the same rows through `batchrun run`: the machine's baseline")
     args = ap.parse_args()

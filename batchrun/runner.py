@@ -75,11 +75,13 @@ def simulated_provider(spec: JobSpec) -> Iterator[JobSpec]:
     from batchrun.sim import MockConfig, start_subprocess
 
     key = None
-    if spec.endpoint.api_key_env:
+    env = spec.endpoint.api_key_env
+    before = os.environ.get(env) if env else None
+    if env:
         # always a throwaway key: a real one exported under this name must never reach
         # the simulator (or a simulated job's files)
         key = "sim-" + secrets.token_hex(16)
-        os.environ[spec.endpoint.api_key_env] = key
+        os.environ[env] = key
     sim = spec.simulate.model_dump()
     sim.update({k: sim[k] or 0 for k in ("rpm", "tpm", "input_tpm", "output_tpm")})  # None: 0
     cfg = MockConfig(**sim, api_key=key)
@@ -89,6 +91,11 @@ def simulated_provider(spec: JobSpec) -> Iterator[JobSpec]:
         yield spec.model_copy(update={"endpoint": endpoint})
     finally:
         proc.terminate()
+        if env:  # a Python caller's process goes on: give it back its own variable
+            if before is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = before
 
 
 def _job_config() -> JobConfig:
@@ -248,8 +255,11 @@ def _refuse_options(spec_path: str, spec: JobSpec, opts: RunOptions) -> None:
                         "run without --no-wait")
 
 
-def _prepare(spec_path: str, opts: RunOptions) -> _Job:
-    spec = stores.prepare(load_spec(spec_path, ds=opts.ds))  # s3://, gs://: docs/storage.md
+def _prepare(spec_path: str, opts: RunOptions, given: JobSpec | None = None) -> _Job:
+    """``given``: a spec built in Python (``batchrun.run``); ``spec_path`` then only names
+    it in messages, and relative paths in it are taken from the current folder."""
+    spec = load_spec(spec_path, ds=opts.ds) if given is None else given
+    spec = stores.prepare(spec)  # s3://, gs://: docs/storage.md
     if opts.mode:
         spec = spec.model_copy(update={"mode": opts.mode})
     _refuse_options(spec_path, spec, opts)
@@ -388,10 +398,12 @@ def _summarize(job: _Job, spec: JobSpec, run: _Run) -> Summary:
     return summary
 
 
-def run_job(spec_path: str, opts: RunOptions = RunOptions()) -> Summary:
-    """Run (or resume) the job in ``spec_path``; returns its summary. A run that stops
-    early (exit 4, 5, 7) saves the summary of what it left on disk too, then raises."""
-    job = _prepare(spec_path, opts)
+def run_job(spec_path: str, opts: RunOptions = RunOptions(), *,
+            spec: JobSpec | None = None) -> Summary:
+    """Run (or resume) the job in ``spec_path`` (or ``spec``, built in Python, which
+    ``spec_path`` then names); returns its summary. A run that stops early (exit 4, 5,
+    7) saves the summary of what it left on disk too, then raises."""
+    job = _prepare(spec_path, opts, spec)
     try:
         return _run_prepared(job, spec_path, opts)
     finally:

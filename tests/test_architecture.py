@@ -2,7 +2,7 @@
 
 Layers, lowest first; a package may import its own modules and lower layers only:
 
-    errors, spec            the error tree and the job spec (spec/: JobSpec, its parts, its engine: block)
+    errors, spec            the error tree and the job spec (spec/: JobSpec, parts, engine:)
     api                     request kinds, providers, result records, HTTP, retry, tokens
     io                      storage, input shards, results, fingerprint, summary
     sim                     the simulated provider (speaks the api's protocols)
@@ -12,6 +12,7 @@ Layers, lowest first; a package may import its own modules and lower layers only
     online, batch           the two ways a job is sent
     runner                  one job: prepare, run a mode, summarize
     ops, schedule           submit/status on a cluster, nightly runs
+    public, ray_data        the Python API (batchrun.run ...) and the Ray Data operator
     cli                     the command line
 
 commcheck is independent: it imports nothing else of batchrun.
@@ -26,7 +27,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "batchrun"
 LAYERS = [{"errors"}, {"spec"}, {"api"}, {"io"}, {"sim"}, {"money"},
           {"limits"}, {"engine"}, {"online", "batch"}, {"runner"}, {"ops", "schedule"},
-          {"cli"}, {"__main__"}]
+          {"public", "ray_data"}, {"cli"}, {"__main__"}]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 MAX_MODULE_LINES = 420
 

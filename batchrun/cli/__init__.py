@@ -71,16 +71,16 @@ def run(
 ) -> None:
     """Run or resume a job; results and summary.json go to the spec's output folder."""
     from batchrun.io.summary import errors_line, exit_code, render_summary
-    from batchrun.runner import RunOptions, run_job
+    from batchrun.public import run as run_job
 
     setup_logging(verbose)
     if mode not in (None, "online", "batch"):
         raise typer.BadParameter("--mode must be online or batch")
-    opts = RunOptions(address=address, retry_errors=retry_errors, force=force, ds=ds,
-                      mode=mode, wait=not no_wait,
+    # the Python API's call: one code path (refuses --no-wait with simulate: in _prepare)
+    summary = run_job(spec, address=address, retry_errors=retry_errors, force=force, ds=ds,
+                      mode=mode, wait=not no_wait,  # type: ignore[arg-type]
                       progress=not no_progress and sys.stderr.isatty(),
                       include_dashboard=False if no_dashboard else None, limit=limit)
-    summary = run_job(spec, opts)  # refuses --no-wait with simulate: (runner._prepare)
     if summary.rows == 0 and summary.unsent == 0:  # no rows at all: not "complete"
         err_console.print(f"job {summary.job}: input has 0 rows: nothing to send")
     elif summary.rows_this_run == 0 and summary.unsent == 0 and limit is not None:

@@ -34,6 +34,9 @@ _COLS = ["model", "status", "error_type", "latency_ms", "attempts", "prompt_toke
 
 
 class Summary(BaseModel):
+    """What a run of a job did, read back from its results files (``OUTPUT/summary.json``):
+    rows, statuses, errors by type, tokens, cost, latency percentiles and rates."""
+
     model_config = ConfigDict(extra="forbid")
 
     job: str = Field(description="Job name.")

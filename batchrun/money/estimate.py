@@ -64,6 +64,7 @@ __all__ = [
     "default_sample_rows",
     "estimate",
     "estimate_command",
+    "estimate_job",
     "render_compare",
     "render_estimate",
 ]
@@ -82,6 +83,9 @@ class CostLine(BaseModel):
 
 
 class Estimate(BaseModel):
+    """A job's rows, prompt tokens, worst-case and expected cost (online and batch) and
+    online duration at its limits, computed without sending anything."""
+
     job: str = Field(..., description="Job name.")
     model: str = Field(..., description="Model of the job.")
     mode: Literal["online", "batch"] = Field(..., description="The job's mode.")
@@ -331,6 +335,32 @@ def compare(
     return _compare_rows(spec, stats, expected_output_ratio, job_price)
 
 
+def estimate_job(
+    spec: JobSpec,
+    compare: bool = False,
+    sample_rows: int | Literal["auto"] | None = "auto",
+    expected_output_ratio: float = DEFAULT_EXPECTED_OUTPUT_RATIO,
+    throughput: float | None = None,
+) -> tuple[Estimate, list[CompareRow] | None, SelfHosted | None]:
+    """What ``batchrun estimate`` prints (and ``batchrun.estimate`` returns): the job's
+    estimate and, with ``compare``, every model ranked and (an ``engine:`` job) the
+    self-hosted line. ``sample_rows="auto"``: the CLI's rule (exact up to
+    EXACT_ROW_LIMIT rows, a sample above); None: exact."""
+    stores.configure(spec.storage)  # an input in a store: its endpoint
+    _check_ratio(expected_output_ratio)
+    shards = plan_shards(spec)
+    rows = sum(s.num_rows for s in shards)
+    sample = default_sample_rows(rows) if sample_rows == "auto" else sample_rows
+    price = price_for(spec)
+    models = [spec.model, *(load_price_table().models if compare else [])]
+    stats = _count(spec, shards, models, sample)
+    est = _build(spec, stats[encoding_name_for(spec.model)], price, expected_output_ratio)
+    ranked = _compare_rows(spec, stats, expected_output_ratio, price) if compare else None
+    hosted = (_self_hosted(spec, stats, expected_output_ratio, throughput)
+              if compare and spec.engine is not None else None)
+    return est, ranked, hosted
+
+
 def estimate_command(
     spec_path: str,
     compare: bool,
@@ -348,18 +378,8 @@ def estimate_command(
     """
     try:
         spec = load_spec(spec_path, ds=ds)
-        stores.configure(spec.storage)  # an input in a store: its endpoint
-        _check_ratio(expected_output_ratio)
-        shards = plan_shards(spec)
-        rows = sum(s.num_rows for s in shards)
-        sample = default_sample_rows(rows) if sample_rows == "auto" else sample_rows
-        price = price_for(spec)
-        models = [spec.model, *(load_price_table().models if compare else [])]
-        stats = _count(spec, shards, models, sample)
-        est = _build(spec, stats[encoding_name_for(spec.model)], price, expected_output_ratio)
-        ranked = _compare_rows(spec, stats, expected_output_ratio, price) if compare else None
-        hosted = (_self_hosted(spec, stats, expected_output_ratio, throughput)
-                  if compare and spec.engine is not None else None)
+        est, ranked, hosted = estimate_job(spec, compare, sample_rows, expected_output_ratio,
+                                           throughput)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

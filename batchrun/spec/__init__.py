@@ -33,6 +33,7 @@ from batchrun.spec.parts import (
     SimulateSpec,
     StorageSpec,
     _echoable,
+    _error_line,
     _Model,
 )
 
@@ -56,6 +57,8 @@ __all__ = [
 ]
 
 class JobSpec(_Model):
+    """A job's spec: ``JobSpec.from_yaml(path)``, or ``JobSpec(name=...)`` (the same checks)."""
+
     name: str = Field(..., description="Job name; names the Ray actors batchrun:<name>:...")
     input: str = Field(..., description="Parquet file, folder or glob; may use {ds}.")
     task: str = Field(
@@ -146,6 +149,11 @@ class JobSpec(_Model):
             raise ValueError(problem)
         return self
 
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, ds: date | str | None = None) -> JobSpec:
+        """Read and validate a job spec file, exactly as ``batchrun run`` does (``load_spec``)."""
+        return load_spec(path, ds=ds)
+
     def with_date(self, ds: date | str) -> JobSpec:
         """This spec with ``{ds}`` in input and output replaced by the run date."""
         s = ds if isinstance(ds, str) else ds.isoformat()
@@ -153,17 +161,6 @@ class JobSpec(_Model):
             update={"input": self.input.replace("{ds}", s),
                     "output": self.output.replace("{ds}", s)}
         )
-
-
-def _error_line(path: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        return f"{path}: {loc}: unknown key; remove it or check its spelling"
-    if first["type"] == "missing":
-        return f"{path}: {loc}: required field is missing; add it"
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"{path}: {loc}: {msg}"
 
 
 def _spec_text(p: Path) -> str:
@@ -189,8 +186,10 @@ def _spec_text(p: Path) -> str:
     return text
 
 
-def load_spec(path: str | Path, *, ds: date | str | None = None) -> JobSpec:
-    """Read and validate a job spec; relative paths in it are taken from the spec's folder."""
+def load_spec(path: str | Path, *, ds: date | str | None = None,
+              defaults: dict[str, Any] | None = None) -> JobSpec:
+    """Read and validate a job spec; relative paths in it are taken from the spec's folder
+    (``defaults``: keys it may leave out, as a Ray Data pipeline's input and output)."""
     p = Path(path)
     try:
         raw = yaml.safe_load(_spec_text(p))
@@ -203,6 +202,7 @@ def load_spec(path: str | Path, *, ds: date | str | None = None) -> JobSpec:
     for key in ("input", "output"):
         if isinstance(raw.get(key), str) and not os.path.isabs(raw[key]) and "://" not in raw[key]:
             raw[key] = str((p.parent / raw[key]).resolve())
+    raw = {**(defaults or {}), **raw}
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:

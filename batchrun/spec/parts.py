@@ -9,7 +9,10 @@ import re
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic._internal._model_construction import ModelMetaclass
+
+from batchrun.errors import SpecError
 
 __all__ = [
     "BatchSettings",
@@ -61,7 +64,30 @@ def _echoable(name: str) -> bool:
             and not any(_TOKEN_PART_RE.fullmatch(p) for p in name.split("_")))
 
 
-class _Model(BaseModel):
+def _error_line(path: str, err: ValidationError) -> str:
+    """The one line a validation error becomes: the file (or model), the field, the fix."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{path}: {loc}: unknown key; remove it or check its spelling"
+    if first["type"] == "missing":
+        return f"{path}: {loc}: required field is missing; add it"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{path}: {loc}: {msg}"
+
+
+class _OneLine(ModelMetaclass):
+    """``JobSpec(name=...)`` in Python fails with load_spec's one-line SpecError, naming the
+    model, not a file (not in ``__init__``: pydantic calls that of nested models too)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as e:
+            raise SpecError(_error_line(cls.__name__, e)) from None
+
+
+class _Model(BaseModel, metaclass=_OneLine):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

@@ -11,6 +11,12 @@ every actor, not only the one that got it (the same ``online.engine.RowRunner`` 
 job's workers). Each input row gives exactly one output row: its answer, or its error,
 or ``status=error, error_type=budget_exhausted`` for a row the budget left unsent.
 
+A row's payload is built as a job's reader builds it (``io.rows.RowBuilder``: the prompt
+column or ``prompt_template``, a templated ``system_prompt``, ``image_column``, the
+kind); a kind whose request carries several rows (``task: embeddings``) sends a batch's
+rows in groups through ``online.grouped.GroupRunner``, as a job's worker does. The
+result columns are a job's: the fixed ones, then the structured, provider and kind ones.
+
 The spec's ``input``, ``output``, ``workers``, ``shard_rows``, ``flush_rows``,
 ``carry_columns`` and ``schedule`` are the pipeline's business here and are ignored
 (``pipeline_spec`` builds a spec without them); ``mode: batch`` and ``simulate:`` are
@@ -32,11 +38,13 @@ import pyarrow as pa
 import ray
 
 from batchrun.api.client import ApiClient, open_session
+from batchrun.api.protocols import inputs_per_request, kind_result_fields
 from batchrun.api.records import RESULT_FIELDS
 from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
 from batchrun.errors import ClusterError, InputDataError, JobCannotSucceed, SpecError
+from batchrun.io.rows import RowBuilder
 from batchrun.io.shards import RequestRow
 from batchrun.limits.limiter import SLOT_VALIDITY_S, RateLimiter, limiter_name
 from batchrun.limits.permits import LeaseAnswer, PermitPool
@@ -44,6 +52,7 @@ from batchrun.money.gate import config_for
 from batchrun.money.pricing import price_for
 from batchrun.online.dispatch import split_concurrency
 from batchrun.online.engine import RowRunner
+from batchrun.online.grouped import GroupRunner
 from batchrun.spec import JobSpec, load_spec, resolve_api_key
 
 if TYPE_CHECKING:
@@ -82,14 +91,29 @@ def pipeline_spec(source: JobSpec | Mapping[str, Any] | str | Path) -> JobSpec:
     return spec
 
 
-def _check_columns(names: list[str] | None, spec: JobSpec, extra: list[pa.Field]) -> None:
-    """The prompt (and id) column must be there, and no result column may be: one line."""
+def _extra_fields(spec: JobSpec, structured: Structured | None) -> list[pa.Field]:
+    """The columns after the fixed ones, as a job adds them (``runner.py``): ``parsed``
+    (response_format), the provider's (Anthropic's cache tokens), the kind's (embedding)."""
+    return [*(structured.result_fields() if structured else []),
+            *provider_for(spec).result_fields(), *kind_result_fields(kind_for(spec), spec)]
+
+
+def _needed(spec: JobSpec, builder: RowBuilder) -> dict[str, str]:
+    """Each column the rows are read from, with the spec field that names it."""
+    which = {builder.source: "prompt_column" if spec.prompt_column else "messages_column",
+             spec.image_column: "image_column", spec.id_column: "id_column"}
+    named = [*builder.columns, spec.id_column]
+    return {c: which.get(c, "prompt_template/system_prompt") for c in named if c is not None}
+
+
+def _check_columns(names: list[str] | None, spec: JobSpec, builder: RowBuilder,
+                   extra: list[pa.Field]) -> None:
+    """Every column the rows are built from must be there, and no result column may be:
+    one line, naming the column and the spec field that asks for it."""
     if names is None:
         return  # an empty dataset without a schema: no row to send
-    source = spec.prompt_column or spec.messages_column
-    which = "prompt_column" if spec.prompt_column else "messages_column"
-    for col, field in ((source, which), (spec.id_column, "id_column")):
-        if col is not None and col not in names:
+    for col, field in _needed(spec, builder).items():
+        if col not in names:
             raise InputDataError(f"dataset has no column {col!r} (the spec's {field}); its "
                                  f"columns are {', '.join(names)}: add it, e.g. with ds.map")
     taken = sorted({f.name for f in [*RESULT_COLUMNS, *extra]} & set(names))
@@ -106,7 +130,11 @@ class _Complete:
                  budgeted: bool, structured: Structured | None):
         self._spec, self._limiter, self._key_box = spec, limiter, key_box
         self._lanes, self._budgeted, self._structured = lanes, budgeted, structured
-        self._fields = [*RESULT_COLUMNS, *(structured.result_fields() if structured else [])]
+        self._extra = _extra_fields(spec, structured)
+        self._fields = [*RESULT_COLUMNS, *self._extra]
+        self._builder = RowBuilder(spec)  # templates, images, the kind: as a job's reader
+        # embeddings: one request carries this many rows (a group), else one row
+        self._per_request = inputs_per_request(kind_for(spec), spec)
         self._runner: RowRunner | None = None
         self._lock: asyncio.Lock | None = None
         self._halted: str | None = None
@@ -133,7 +161,9 @@ class _Complete:
                     self._halted = redact(reason, key)
                     self._limiter.halt.remote(self._halted)
 
-                self._runner = RowRunner(spec, client, self._permits, pause_all=self._pause_all,
+                # as a job's worker: a kind whose request carries several rows is grouped
+                cls = GroupRunner if hasattr(kind_for(spec), "inputs_per_request") else RowRunner
+                self._runner = cls(spec, client, self._permits, pause_all=self._pause_all,
                                          on_trip=on_trip, price=price_for(spec),
                                          budgeted=self._budgeted, structured=self._structured)
         return self._runner
@@ -160,21 +190,35 @@ class _Complete:
         self._limiter.pause.remote(seconds)  # the other actors learn at their next lease
 
     def _rows(self, batch: pa.Table) -> list[RequestRow]:
-        spec, kind = self._spec, kind_for(self._spec)
-        source = spec.prompt_column or spec.messages_column
-        _check_columns(batch.column_names, spec, self._fields[len(RESULT_COLUMNS):])
-        values = batch.column(source).to_pylist()
-        ids = (batch.column(spec.id_column).to_pylist() if spec.id_column
-               else range(len(values)))
-        return [RequestRow(str(i), *kind.payload(spec, v)) for i, v in zip(ids, values)]
+        """The batch's rows as requests, built by ``io.rows.RowBuilder`` (a row's own bad
+        input, e.g. a template error or an unreadable image, is that row's error). The id
+        is the row's position in the batch: it keys a group's answers, and is not output."""
+        _check_columns(batch.column_names, self._spec, self._builder, self._extra)
+        data = {c: batch.column(c).to_pylist() for c in self._builder.columns}
+        return [RequestRow(str(j), *self._builder.payload(data, j))
+                for j in range(batch.num_rows)]
 
     async def _one(self, runner: RowRunner, row: RequestRow) -> dict[str, Any] | None:
         async with self._sem:
             return await runner.run(row)
 
+    async def _group(self, runner: GroupRunner, rows: list[RequestRow]
+                     ) -> list[dict[str, Any] | None]:
+        async with self._sem:
+            return await runner.run_group(rows)
+
+    async def _records(self, runner: RowRunner, rows: list[RequestRow]
+                       ) -> list[dict[str, Any] | None]:
+        if not isinstance(runner, GroupRunner):
+            return list(await asyncio.gather(*(self._one(runner, r) for r in rows)))
+        n = self._per_request  # the batch's rows in groups of n, one request each
+        groups = await asyncio.gather(*(self._group(runner, rows[i:i + n])
+                                        for i in range(0, len(rows), n)))
+        return [rec for g in groups for rec in g]
+
     async def __call__(self, batch: pa.Table) -> pa.Table:
         runner = await self._setup()
-        recs = await asyncio.gather(*(self._one(runner, r) for r in self._rows(batch)))
+        recs = await self._records(runner, self._rows(batch))
         await self._permits.flush()  # this batch's settlements reach the budget now
         if any(r is None for r in recs):  # the budget is spent, or the pipeline was halted
             halted = self._halted or await self._limiter.halted.remote()
@@ -198,9 +242,10 @@ def _prepare(ds: Dataset, source: JobSpec | Mapping[str, Any] | str | Path
     price_for(spec)  # a model with no price (and no price: in the spec) is refused
     base = Path(source).parent if isinstance(source, str | Path) else Path.cwd()
     structured = Structured.from_spec(spec, base)
-    extra = structured.result_fields() if structured else []
+    builder = RowBuilder(spec)  # a template's syntax error is a spec error, here
     schema = ds.schema()  # runs the pipeline up to its first block, sends nothing
-    _check_columns(list(schema.names) if schema is not None else None, spec, extra)
+    _check_columns(list(schema.names) if schema is not None else None, spec, builder,
+                   _extra_fields(spec, structured))
     return spec, resolve_api_key(spec, spec_path="ray_data.complete"), structured
 
 
@@ -210,19 +255,22 @@ def complete(ds: Dataset, spec: JobSpec | Mapping[str, Any] | str | Path, *,
     """Add the model's answer to every row of ``ds``; returns the new (lazy) Dataset.
 
     ``spec``: a ``JobSpec``, a mapping of its fields or a YAML file (``input``/``output``
-    not needed; see ``pipeline_spec``). The prompt comes from the spec's ``prompt_column``
-    (or ``messages_column``). Added columns: ``response``, ``finish_reason``,
+    not needed; see ``pipeline_spec``). The prompt comes from the spec's ``prompt_column``,
+    ``messages_column`` or ``prompt_template`` (with ``system_prompt`` and
+    ``image_column``, as in a job). Added columns: ``response``, ``finish_reason``,
     ``prompt_tokens``, ``completion_tokens``, ``total_tokens``, ``cost_usd``,
     ``latency_ms``, ``wait_ms``, ``attempts``, ``status`` (ok/error), ``error_type``,
-    ``error_message`` (and ``parsed``, with ``response_format``).
+    ``error_message``; ``parsed`` with ``response_format``, ``embedding`` with
+    ``task: embeddings`` (``embedding.inputs_per_request`` rows of a batch per request:
+    make ``batch_size`` a multiple), Anthropic's cache-token columns with its API.
 
     ``concurrency``: the actor pool, Ray Data's own setting (n, or (min, max) to let it
     scale); ``limits.max_concurrency`` is split over the largest pool, so the requests
     in flight never exceed it. All actors share one limiter and one budget.
 
-    Raises ``SpecError``/``SecretError``/``InputDataError`` (a missing prompt column,
-    named) before any request is sent; a pipeline whose requests all fail the same
-    job-wide way (401, 404, refused) fails with ``JobCannotSucceed`` from its actors.
+    Raises ``SpecError``/``SecretError``/``InputDataError`` (a missing prompt, template,
+    image or id column, named) before any request is sent; a pipeline whose requests all
+    fail the same job-wide way (401, 404, refused) fails with ``JobCannotSucceed`` from its actors.
     """
     from ray.data import ActorPoolStrategy
 

@@ -3,15 +3,21 @@ the strict simulated provider, several actors sharing one limiter and one budget
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import ray
 
 import batchrun
 import batchrun.ray_data as brd
 from batchrun.sim import MockConfig, RunningServer, start_in_thread
+from batchrun.sim.ledger import prompt_key
 from tests.conftest import error_server
 
 
@@ -151,3 +157,121 @@ def test_response_format_adds_parsed_and_expanded_columns(ray_data: None) -> Non
     assert len(rows) == 30 and {r["status"] for r in rows} == {"ok"}
     assert all(isinstance(r["label"], str) and isinstance(r["score"], int) for r in rows)
     assert all(r["parsed"].startswith("{") for r in rows)
+
+
+def test_embeddings_one_vector_per_row_many_rows_per_request(ray_data: None) -> None:
+    # task: embeddings goes through GroupRunner: 20 rows per request (the ledger counts
+    # requests), one fixed-size vector per row, each row its share of the tokens
+    with start_in_thread(MockConfig()) as srv:
+        spec = _spec(srv, task="embeddings", model="text-embedding-3-small",
+                     embedding={"dimensions": 8, "inputs_per_request": 20}, generation={})
+        out = brd.complete(_ds(120, blocks=3), spec, concurrency=2, batch_size=40)
+        rows = out.take_all()
+        stats = srv.stats()
+    assert sorted(r["k"] for r in rows) == list(range(120))
+    assert {r["status"] for r in rows} == {"ok"}
+    assert all(len(r["embedding"]) == 8 and r["response"] is None for r in rows)
+    assert stats["by_outcome"] == {"ok": 6}  # 120 rows in 6 requests, each sent once
+    assert all(r["prompt_tokens"] > 0 and r["completion_tokens"] == 0 for r in rows)
+    assert out.schema().base_schema.field("embedding").type == pa.list_(pa.float32(), 8)
+
+
+def test_templated_prompt_and_system_from_the_row_columns(ray_data: None) -> None:
+    items = [{"k": i, "text": f"item {i}", "lang": "French"} for i in range(12)]
+    with start_in_thread(MockConfig()) as srv:
+        spec = _spec(srv, prompt_column=None, prompt_template="Classify: {{ text }}",
+                     system_prompt="Answer in {{ lang }}.")
+        rows = brd.complete(ray.data.from_items(items, override_num_blocks=2), spec,
+                            concurrency=2).take_all()
+        keys = {r["key"] for r in srv.records()}
+    assert sorted(r["k"] for r in rows) == list(range(12))
+    assert {r["status"] for r in rows} == {"ok"} and all(r["response"] for r in rows)
+    # the ledger keeps a digest of each request's messages: the rendered ones, per row
+    assert keys == {prompt_key([{"role": "system", "content": "Answer in French."},
+                                {"role": "user", "content": f"Classify: item {i}"}])
+                    for i in range(12)}
+
+
+def test_missing_template_column_fails_before_any_request(ray_data: None) -> None:
+    ds = ray.data.from_items([{"text": "hello"}] * 5)
+    with start_in_thread(MockConfig()) as srv:
+        spec = _spec(srv, prompt_column=None, prompt_template="{{ text }} in {{ lang }}")
+        with pytest.raises(batchrun.UserError) as e:
+            brd.complete(ds, spec)
+        assert srv.stats()["total_requests"] == 0
+    assert "'lang'" in str(e.value) and "prompt_template" in str(e.value)
+
+
+def test_anthropic_messages_and_responses_tasks(ray_data: None) -> None:
+    with start_in_thread(MockConfig()) as srv:
+        anth = _spec(srv, model="claude-sonnet-4-5", system_prompt="Be brief.",
+                     endpoint={"api": "anthropic", "base_url": srv.base_url})
+        a_rows = brd.complete(_ds(10, blocks=2), anth, concurrency=2).take_all()
+        resp = _spec(srv, task="responses")
+        r_rows = brd.complete(_ds(10, blocks=2), resp, concurrency=2).take_all()
+        stats = srv.stats()
+    for rows in (a_rows, r_rows):
+        assert sorted(r["k"] for r in rows) == list(range(10))
+        assert {r["status"] for r in rows} == {"ok"} and all(r["response"] for r in rows)
+    assert {"cache_creation_tokens", "cache_read_tokens"} <= set(a_rows[0])
+    assert "cache_read_tokens" not in r_rows[0]
+    assert stats["by_outcome"] == {"ok": 20}
+
+
+class _OneLong429(BaseHTTPRequestHandler):
+    """Chat answers, except request number ``nth``: 429 with ``Retry-After: 3``. Keeps
+    each request's arrival time (monotonic) and status, in arrival order."""
+
+    nth = 30
+    log: list[tuple[float, int]]
+    lock: threading.Lock
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with self.lock:
+            status = 429 if len(self.log) + 1 == self.nth else 200
+            self.log.append((time.monotonic(), status))
+        body = json.dumps(
+            {"error": {"message": "Rate limit reached", "type": "requests"}} if status == 429
+            else {"id": "c", "object": "chat.completion", "model": "gpt-4.1-mini",
+                  "choices": [{"index": 0, "finish_reason": "stop",
+                               "message": {"role": "assistant", "content": "ok"}}],
+                  "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}}
+        ).encode()
+        self.send_response(status)
+        if status == 429:
+            self.send_header("Retry-After", "3")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_429_retry_after_pauses_every_actor(ray_data: None) -> None:
+    # 3 actors sending ~10 requests/s; the 30th request (all actors running by then) gets
+    # 429 + Retry-After: 3. The actor that got it tells the shared limiter, so NO actor
+    # sends in the pause: after a grace of 0.8 s (slots the limiter granted before it
+    # learnt of the pause: up to its 0.5 s horizon ahead, plus the round trip), the server
+    # sees nothing until the 3 s are over. (A pause kept to the one actor leaves the two
+    # others sending ~7 requests/s through it: this test fails so.)
+    log: list[tuple[float, int]] = []
+    handler = type("H", (_OneLong429,), {"log": log, "lock": threading.Lock()})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        spec = {"name": "p429", "prompt_column": "prompt", "model": "gpt-4.1-mini",
+                "endpoint": {"base_url": f"http://127.0.0.1:{srv.server_address[1]}/v1"},
+                "generation": {"max_tokens": 8}, "limits": {"rpm": 600, "max_concurrency": 12},
+                "retry": {"max_attempts": 4, "backoff_base_s": 0.05, "backoff_cap_s": 0.2}}
+        rows = brd.complete(_ds(90, blocks=9), spec, concurrency=3, batch_size=10).take_all()
+    finally:
+        srv.shutdown()
+    assert sorted(r["k"] for r in rows) == list(range(90))
+    assert {r["status"] for r in rows} == {"ok"}
+    t429 = next(t for t, status in log if status == 429)
+    during = [round(t - t429, 3) for t, _ in log if t429 + 0.8 < t < t429 + 2.9]
+    assert during == [], f"{len(during)} requests sent inside the 3 s pause"
+    assert len(log) == 91 and log[-1][0] > t429 + 3.0  # the rest went out after it

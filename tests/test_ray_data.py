@@ -275,3 +275,21 @@ def test_a_429_retry_after_pauses_every_actor(ray_data: None) -> None:
     during = [round(t - t429, 3) for t, _ in log if t429 + 0.8 < t < t429 + 2.9]
     assert during == [], f"{len(during)} requests sent inside the 3 s pause"
     assert len(log) == 91 and log[-1][0] > t429 + 3.0  # the rest went out after it
+
+
+def test_image_column_adds_an_image_part_and_a_bad_one_is_that_rows_error(ray_data: None
+                                                                          ) -> None:
+    items = [{"k": i, "prompt": f"What is in picture {i}?",
+              "img": f"https://img.test/{i}.png" if i else "not an image"} for i in range(6)]
+    with start_in_thread(MockConfig()) as srv:
+        rows = brd.complete(ray.data.from_items(items, override_num_blocks=2),
+                            _spec(srv, image_column="img"), concurrency=2).take_all()
+        keys = {r["key"] for r in srv.records()}
+    by_k = {r["k"]: r for r in rows}
+    assert sorted(by_k) == list(range(6))
+    assert by_k[0]["status"] == "error" and "image_column" in by_k[0]["error_message"]
+    assert all(by_k[i]["status"] == "ok" for i in range(1, 6))
+    assert keys == {prompt_key([{"role": "user", "content": [
+        {"type": "text", "text": f"What is in picture {i}?"},
+        {"type": "image_url", "image_url": {"url": f"https://img.test/{i}.png"}}]}])
+        for i in range(1, 6)}

@@ -8,13 +8,10 @@ limiter and worker actors, and always removes them in ``finally``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import secrets
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +41,7 @@ from batchrun.online.dispatch import split_concurrency
 from batchrun.online.drive import budget_config, dispatch, plans_left
 from batchrun.online.ray_cluster import record_cluster
 from batchrun.online.worker import Worker, worker_name
+from batchrun.sim.for_spec import simulated_provider
 from batchrun.spec import JobSpec, load_spec, resolve_api_key
 
 __all__ = ["RunOptions", "run_job"]
@@ -64,38 +62,6 @@ class RunOptions:
     progress: bool = True
     include_dashboard: bool | None = None
     limit: int | None = None  # a smoke test: only the input's first N rows
-
-
-@contextlib.contextmanager
-def simulated_provider(spec: JobSpec) -> Iterator[JobSpec]:
-    """Start the built-in provider when the spec asks for it; yield the spec pointing at it."""
-    if spec.simulate is None:
-        yield spec
-        return
-    from batchrun.sim import MockConfig, start_subprocess
-
-    key = None
-    env = spec.endpoint.api_key_env
-    before = os.environ.get(env) if env else None
-    if env:
-        # always a throwaway key: a real one exported under this name must never reach
-        # the simulator (or a simulated job's files)
-        key = "sim-" + secrets.token_hex(16)
-        os.environ[env] = key
-    sim = spec.simulate.model_dump()
-    sim.update({k: sim[k] or 0 for k in ("rpm", "tpm", "input_tpm", "output_tpm")})  # None: 0
-    cfg = MockConfig(**sim, api_key=key)
-    proc = start_subprocess(cfg)
-    try:
-        endpoint = spec.endpoint.model_copy(update={"base_url": proc.base_url})
-        yield spec.model_copy(update={"endpoint": endpoint})
-    finally:
-        proc.terminate()
-        if env:  # a Python caller's process goes on: give it back its own variable
-            if before is None:
-                os.environ.pop(env, None)
-            else:
-                os.environ[env] = before
 
 
 def _job_config() -> JobConfig:

@@ -131,7 +131,7 @@ def test_status_and_stop_find_a_local_run_from_another_process(
 
 _DRIVER = """
 import sys, time
-from batchrun.runner import simulated_provider
+from batchrun.sim.for_spec import simulated_provider
 from batchrun.spec import load_spec
 import psutil
 with simulated_provider(load_spec(sys.argv[1])) as spec:

@@ -4,8 +4,11 @@ and the dispatch itself, under a progress bar."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -26,7 +29,44 @@ from batchrun.online.dispatch import Dispatcher, ShardPlan
 from batchrun.online.metrics import JobMetrics
 from batchrun.spec import JobSpec
 
-__all__ = ["budget_config", "dispatch", "plans_left"]
+__all__ = ["budget_config", "dispatch", "plans_left", "run_interruptible"]
+
+T = TypeVar("T")
+RECANCEL_S = 1.0
+
+
+def run_interruptible(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, except that Ctrl-C cancels every task of the loop, and again each
+    second until the run ends, then raises KeyboardInterrupt. asyncio.run cancels the main
+    task once; Python 3.11's ``wait_for`` can swallow that one cancellation (a race with
+    the awaited result, fixed in 3.12), and a lane that swallowed it went on re-sending
+    its shard after the user's Ctrl-C, so the driver never stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        return asyncio.run(main)  # signals reach the main thread only
+    with asyncio.Runner() as runner:
+        loop = runner.get_loop()
+        interrupted = False
+
+        def cancel_all() -> None:
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.call_later(RECANCEL_S, cancel_all)
+
+        def on_sigint() -> None:
+            nonlocal interrupted
+            if not interrupted:
+                interrupted = True
+                cancel_all()
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            return runner.run(main)
+        except asyncio.CancelledError:
+            if interrupted:
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
 
 
 def plans_left(spec: JobSpec, shards: list[Shard], store: ResultsStore,
@@ -79,5 +119,5 @@ def dispatch(spec: JobSpec, limiter: Any, workers: list[Any], key_box: list[Any]
 
         dispatcher = Dispatcher(limiter, workers, store, on_rows, key_box,
                                 ErrorRate(spec.retry.max_error_rate, spec.retry.error_window_rows))
-        asyncio.run(dispatcher.run(plans))
+        run_interruptible(dispatcher.run(plans))
         return dispatcher.budget_exhausted

@@ -98,14 +98,3 @@ def test_gs_output_is_refused_in_one_line(tmp_path: Path, provider: tuple[str, l
                       endpoint={"base_url": url, "api_key_env": None})
     _one_line(_run(spec), 2, "output: gs://some-bucket/out/", "use an s3:// URI")
     assert calls == []
-
-
-def test_batch_mode_with_an_output_in_a_store_is_refused(tmp_path: Path,
-                                                         provider: tuple[str, list[str]]
-                                                         ) -> None:
-    url, calls = provider
-    make_prompts(tmp_path / "in.parquet", 10)
-    spec = write_spec(tmp_path, output="s3://some-bucket/out/", mode="batch",
-                      endpoint={"base_url": url, "api_key_env": None})
-    _one_line(_run(spec), 2, "mode: batch", "s3://some-bucket/out/", "mode online")
-    assert calls == []

@@ -210,9 +210,6 @@ def _refuse_options(spec_path: str, spec: JobSpec, opts: RunOptions) -> None:
     if spec.engine is not None and spec.mode == "batch":
         raise UserError(f"{spec_path}: engine: cannot run in batch mode (a self-hosted engine "
                         "has no Batch API); run without --mode batch")
-    if spec.mode == "batch" and stores.is_store(spec.output):  # issue 14: not yet
-        raise UserError(f"{spec_path}: mode: batch keeps its request chunks on local disk; "
-                        f"for output {spec.output} use mode online, or a local output")
     if not opts.wait and spec.simulate is not None:
         # the simulated provider lives as long as this run: batches submitted to it
         # without waiting would be lost with it, and no later run could collect them

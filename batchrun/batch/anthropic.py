@@ -30,9 +30,9 @@ from urllib.parse import urlparse
 from batchrun.api.anthropic import AnthropicProvider
 from batchrun.batch.provider import BatchProvider, MetadataFn
 from batchrun.batch.quotas import QueueFull
-from batchrun.batch.state import ChunkState
+from batchrun.batch.state import ChunkState, chunk_path
 from batchrun.errors import RateLimited
-from batchrun.io.storage import output_error
+from batchrun.io.storage import output_error, read_bytes
 from batchrun.spec import EndpointSpec, RetrySpec
 
 __all__ = ["MATCH_SKEW_S", "MAX_BATCH_BYTES", "MAX_BATCH_REQUESTS", "MessageBatches"]
@@ -82,7 +82,7 @@ class MessageBatches(BatchProvider):
     _api_paths = (_PATH,)
 
     def __init__(self, endpoint: EndpointSpec, api_key: str | None, retry: RetrySpec,
-                 rng: random.Random | None = None, *, folder: Path):
+                 rng: random.Random | None = None, *, folder: str | Path):
         super().__init__(endpoint, api_key, retry, rng, api=AnthropicProvider())
         self._root = endpoint.base_url.removesuffix("/v1")
         self._folder = folder
@@ -92,9 +92,9 @@ class MessageBatches(BatchProvider):
         return self._root + path
 
     def _read(self, file_id: str) -> bytes:
-        path = self._folder / file_id.removeprefix(_LOCAL)
+        path = chunk_path(self._folder, file_id.removeprefix(_LOCAL))
         try:
-            return path.read_bytes()
+            return read_bytes(path)
         except OSError as e:
             raise output_error(path, e, verb="read") from None
 
@@ -146,7 +146,8 @@ class MessageBatches(BatchProvider):
                 return
             after = last
 
-    async def find_created(self, waiting: list[ChunkState], metadata: MetadataFn, folder: Path,
+    async def find_created(self, waiting: list[ChunkState], metadata: MetadataFn,
+                           folder: str | Path,
                            taken: set[str]) -> dict[int, dict[str, Any]]:
         """Match by time, size and, once results exist, custom_ids (module docs)."""
         if not waiting:

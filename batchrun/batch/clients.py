@@ -58,7 +58,8 @@ class BatchClient(Protocol):
 
     def list_batches(self, page_size: int = 100) -> AsyncIterator[dict[str, Any]]: ...
 
-    async def find_created(self, waiting: list[ChunkState], metadata: MetadataFn, folder: Path,
+    async def find_created(self, waiting: list[ChunkState], metadata: MetadataFn,
+                           folder: str | Path,
                            taken: set[str]) -> dict[int, dict[str, Any]]:
         """Batches created for ``waiting`` chunks but never recorded; seq -> batch."""
         ...
@@ -91,7 +92,7 @@ def require_batch_api(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"batch": fitted})
 
 
-def batch_client(spec: JobSpec, api_key: str | None, folder: Path) -> BatchClient:
+def batch_client(spec: JobSpec, api_key: str | None, folder: str | Path) -> BatchClient:
     """The client of the spec's provider; ``folder`` holds the chunk files."""
     require_batch_api(spec)
     if spec.endpoint.api == "anthropic":

@@ -29,8 +29,9 @@ from typing import Any
 
 from batchrun.api.gemini import GeminiProvider
 from batchrun.batch.provider import BatchProvider
+from batchrun.batch.state import chunk_path
 from batchrun.errors import JobCannotSucceed
-from batchrun.io.storage import output_error
+from batchrun.io.storage import output_error, read_bytes
 from batchrun.spec import EndpointSpec, RetrySpec
 
 __all__ = ["MAX_INLINE_BYTES", "GeminiBatches", "display_name", "normal"]
@@ -74,7 +75,7 @@ class GeminiBatches(BatchProvider):
     _api_paths = ("/v1beta/batches",)
 
     def __init__(self, endpoint: EndpointSpec, api_key: str | None, retry: RetrySpec,
-                 rng: random.Random | None = None, *, folder: Path, model: str):
+                 rng: random.Random | None = None, *, folder: str | Path, model: str):
         super().__init__(endpoint, api_key, retry, rng, api=GeminiProvider())
         self._root = endpoint.base_url.removesuffix("/v1beta")
         self._folder, self._model = folder, model.removeprefix("models/")
@@ -92,9 +93,9 @@ class GeminiBatches(BatchProvider):
 
     async def create(self, file_id: str, window: str, metadata: dict[str, str],
                      find: Callable[[], Awaitable[dict[str, Any] | None]]) -> dict[str, Any]:
-        path = self._folder / file_id.removeprefix(_LOCAL)
+        path = chunk_path(self._folder, file_id.removeprefix(_LOCAL))
         try:
-            lines = [x for x in path.read_bytes().splitlines() if x.strip()]
+            lines = [x for x in read_bytes(path).splitlines() if x.strip()]
         except OSError as e:
             raise output_error(path, e, verb="read") from None
         body = (b'{"batch":{"display_name":' + json.dumps(display_name(metadata)).encode()

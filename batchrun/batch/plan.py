@@ -26,7 +26,14 @@ import pyarrow.compute as pc
 
 from batchrun.api.registry import kind_for
 from batchrun.batch.requests import ChunkWriter, iter_selected, line_for
-from batchrun.batch.state import OPEN_STEPS, UNSENT_STEPS, BatchJobState, ChunkState
+from batchrun.batch.state import (
+    OPEN_STEPS,
+    UNSENT_STEPS,
+    BatchJobState,
+    ChunkState,
+    chunk_path,
+)
+from batchrun.io import storage
 from batchrun.io.shards import RequestRow, Shard
 from batchrun.io.writer import ResultsStore
 from batchrun.spec import JobSpec
@@ -40,7 +47,7 @@ class Planner:
     """Chunks of one job's state, kept in agreement with its results on disk."""
 
     def __init__(self, spec: JobSpec, shards: dict[int, Shard], store: ResultsStore,
-                 state: BatchJobState, folder: Path, *, extra_body: dict[str, Any] | None,
+                 state: BatchJobState, folder: str | Path, *, extra_body: dict[str, Any] | None,
                  worst: Callable[[RequestRow], float], save: Callable[[], None]):
         self.spec, self.shards, self.store, self.state = spec, shards, store, state
         self.folder, self.extra_body, self.worst, self.save = folder, extra_body, worst, save
@@ -88,7 +95,7 @@ class Planner:
         self.save()
         for c in chunks:
             with contextlib.suppress(OSError):  # a leftover file is only untidy
-                (self.folder / c.file).unlink(missing_ok=True)
+                storage.delete(chunk_path(self.folder, c.file))
 
     # -- what the results say ----------------------------------------------------------
 
@@ -123,7 +130,7 @@ class Planner:
         them), or whose file is gone, are dropped; ``plan`` takes their other rows."""
         unsent = [c for c in self.state.chunks if c.step in UNSENT_STEPS]
         dirty = {c.seq for c in unsent
-                 if c.step == "written" and not (self.folder / c.file).exists()}
+                 if c.step == "written" and not storage.exists(chunk_path(self.folder, c.file))}
         for sidx, shard in self.shards.items():
             done: dict[bool, set[str]] = {}  # redo chunk -> only ok results make rows done
             for c in unsent:

@@ -203,7 +203,8 @@ class BatchProvider:
         return [await self.content(str(batch[k]))
                 for k in ("output_file_id", "error_file_id") if batch.get(k)]
 
-    async def find_created(self, waiting: list[ChunkState], metadata: MetadataFn, folder: Path,
+    async def find_created(self, waiting: list[ChunkState], metadata: MetadataFn,
+                           folder: str | Path,
                            taken: set[str]) -> dict[int, dict[str, Any]]:
         """The batches created for ``waiting`` chunks but never recorded (a crash between
         create and record): by the metadata each create carried. Chunk seq -> batch."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.api.registry import kind_for, provider_for
-from batchrun.batch.state import ChunkState, Ranges, count_rows, to_ranges
+from batchrun.batch.state import ChunkState, Ranges, chunk_path, count_rows, to_ranges
 from batchrun.errors import InputDataError
 from batchrun.io.shards import RequestRow, Shard, iter_shard_rows
 from batchrun.io.storage import Staged
@@ -67,10 +67,10 @@ class ChunkWriter:
     """One JSONL chunk being written: lines go to a staged file, committed when closed;
     a file that cannot be written is an output error (exit 3), not a traceback."""
 
-    def __init__(self, folder: Path, seq: int, attempt: int = 1):
+    def __init__(self, folder: str | Path, seq: int, attempt: int = 1):
         self.seq, self.attempt = seq, attempt
         self.name = f"chunk-{seq:06d}.jsonl"
-        self.path = folder / self.name
+        self.path = chunk_path(folder, self.name)  # a store object, staged then committed
         self._f: Staged | None = Staged(self.path)
         self._positions: dict[int, list[int]] = {}
         self.n_requests = 0

@@ -43,6 +43,7 @@ from batchrun.batch.state import (
     ChunkState,
     StateFile,
     batch_tag,
+    chunk_path,
     count_rows,
     fingerprint_sha,
     to_ranges,
@@ -57,6 +58,7 @@ from batchrun.io.shards import (
     plan_shards,
     record_plan,
 )
+from batchrun.io.storage import local_copy
 from batchrun.io.writer import ResultsStore, result_schema
 from batchrun.money.gate import Gate, config_for, row_worst_usd
 from batchrun.money.pricing import ModelPrice, price_for, worst_case_usd
@@ -164,7 +166,8 @@ class _Driver:
             return  # over the budget: the chunk stays unsent for a later run
         if c.step == "written":
             if c.file_id is None:  # a chunk sent back from uploaded keeps its file
-                f = await self.p.upload(self.sf.dir / c.file)
+                with local_copy(chunk_path(self.sf.dir, c.file)) as path:  # a store's too
+                    f = await self.p.upload(path)
                 c.file_id = str(f["id"])
             c.step = "uploaded"  # from here a batch may exist: online runs are refused
             self.save()

@@ -26,8 +26,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from batchrun.errors import ResumeRefused
+from batchrun.errors import OutputError, ResumeRefused
 from batchrun.io import storage
+from batchrun.io.conditional import conditional_for
 from batchrun.io.resume import Fingerprint
 from batchrun.spec import JobSpec
 
@@ -41,6 +42,7 @@ __all__ = [
     "StateFile",
     "Step",
     "batch_tag",
+    "chunk_path",
     "count_rows",
     "fingerprint_sha",
     "refuse_open_batches",
@@ -111,8 +113,10 @@ def fingerprint_sha(fp: Fingerprint) -> str:
 
 def batch_tag(fp: Fingerprint, output: str | Path) -> str:
     """The metadata tag of a new state: the job and its output folder, so that two
-    folders running the same job never adopt each other's batches."""
-    blob = f"{fingerprint_sha(fp)}:{Path(output).resolve()}"
+    folders running the same job never adopt each other's batches (a store URI as it
+    is: a rerun from another machine or folder must find the same tag)."""
+    where = str(output).rstrip("/") if "://" in str(output) else Path(output).resolve()
+    blob = f"{fingerprint_sha(fp)}:{where}"
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -131,20 +135,33 @@ def count_rows(ranges: Ranges) -> int:
     return sum(b - a for runs in ranges.values() for a, b in runs)
 
 
+def chunk_path(folder: str | Path, name: str) -> str | Path:
+    """A chunk file's place: ``folder/name`` on disk, or the object's URI in a store."""
+    return storage.join(str(folder), name) if "://" in str(folder) else Path(folder) / name
+
+
 class StateFile:
-    """``OUTPUT/batch/state.json`` of one job."""
+    """``OUTPUT/batch/state.json`` of one job.
+
+    In an object store two drivers of the same output could race (a rerun while a
+    crashed one's cluster still runs): each save there is a conditional write against
+    the version this driver last read or wrote, so the loser stops with one line
+    instead of overwriting the winner's record of created (paid) batches."""
 
     def __init__(self, output: str | Path):
-        self.dir = Path(output) / "batch"  # local: the chunk files are uploaded from it
-        # a store URI's state (an online run asks whether batches are open) by its URI
-        self.path: str | Path = (storage.join(str(output), "batch", "state.json")
-                                 if "://" in str(output) else self.dir / "state.json")
+        store = "://" in str(output)
+        # the chunk files' folder: local, or the store prefix they are committed under
+        self.dir: str | Path = (storage.join(str(output), "batch") if store
+                                else Path(output) / "batch")
+        self.path: str | Path = chunk_path(self.dir, "state.json")
+        self._version: str | None = None  # store only: the object's version last seen
+        self._store = store
 
     def load(self, spec: JobSpec, tag: str = "") -> BatchJobState:
         """The saved state, or a fresh one tagged ``tag``. Whether the results may be
         resumed is ``resume.check_fingerprint``'s call (honouring --force), not this one's."""
         try:
-            state = BatchJobState.model_validate_json(storage.read_bytes(self.path))
+            state = BatchJobState.model_validate_json(self._read())
         except FileNotFoundError:
             return BatchJobState(job=spec.name, fingerprint=tag)
         except (OSError, ValidationError) as e:
@@ -159,8 +176,33 @@ class StateFile:
                 f"use a new output folder or delete {self.dir}")
         return state
 
+    def _read(self) -> bytes:
+        if not self._store:
+            return storage.read_bytes(self.path)
+        cond, path = conditional_for(str(self.path))
+        got = cond.read_with_version(path)
+        if got is None:
+            raise FileNotFoundError(str(self.path))
+        data, self._version = got
+        return data
+
     def save(self, state: BatchJobState) -> None:
-        storage.commit_bytes(self.path, state.model_dump_json(indent=1).encode())  # atomic
+        data = state.model_dump_json(indent=1).encode()
+        if not self._store:
+            storage.commit_bytes(self.path, data)  # atomic
+            return
+        try:
+            cond, path = conditional_for(str(self.path))
+            ok = (cond.put_if_absent(path, data) if self._version is None
+                  else cond.put_if_version(path, data, self._version))
+            got = cond.read_with_version(path) if ok else None
+        except OSError as e:
+            raise storage.output_error(str(self.path), e) from None
+        if got is None or got[0] != data:
+            raise OutputError(
+                f"output: {self.path} was changed by another driver of this job while this "
+                "one ran; stop the other driver, then run the same command again")
+        self._version = got[1]
 
 
 def refuse_open_batches(spec: JobSpec) -> None:

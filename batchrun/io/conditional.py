@@ -173,10 +173,13 @@ def conditional_for(where: str) -> tuple[ConditionalStore, str]:
     if not stores.is_store(where):
         return LocalConditional(), where
     scheme, path = stores.split(where)
-    if scheme != "s3":
-        raise OSError(f"{where}: conditional writes are implemented for s3:// and local "
-                      "paths only; use one of those for the output and the ledger")
+    scheme = "gs" if scheme == "gcs" else scheme
     key = (scheme, stores.config())
     if key not in _cache:
-        _cache[key] = S3Conditional(key[1])
+        if scheme == "gs":
+            from batchrun.io.gcs import GCSConditional  # google-auth: the gcs extra
+
+            _cache[key] = GCSConditional()
+        else:
+            _cache[key] = S3Conditional(key[1])
     return _cache[key], path

@@ -27,7 +27,7 @@ import os
 import posixpath
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeAlias
 
@@ -39,7 +39,8 @@ from batchrun.errors import OutputError
 from batchrun.io import stores
 
 __all__ = ["Staged", "Where", "check_writable", "commit", "commit_bytes", "commit_table",
-           "delete", "exists", "is_dir", "join", "list_files", "locate", "move", "output_error",
+           "delete", "exists", "is_dir", "join", "list_files", "local_copy", "locate", "move",
+           "output_error",
            "parquet_file", "read_bytes", "read_footer", "read_table", "reason", "relative",
            "remove_empty_dir", "size"]
 
@@ -94,6 +95,23 @@ def read_bytes(where: Where, *, fs: FS = None) -> bytes:
     fs, path = locate(where, fs)
     with fs.open_input_stream(path) as f:
         return bytes(f.read())
+
+
+@contextlib.contextmanager
+def local_copy(where: Where, *, fs: FS = None) -> Iterator[Path]:
+    """A local file holding ``where``: the file itself on disk; an object is streamed
+    into a temporary file of the same name (8 MiB at a time: chunk files can be large),
+    removed afterwards."""
+    fs, path = locate(where, fs)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="batchrun-") as tmp:
+        local = Path(tmp) / Path(path).name
+        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+            while chunk := src.read(8 * 2**20):
+                dst.write(chunk)
+        yield local
 
 
 def parquet_file(where: Where, *, fs: FS = None) -> pq.ParquetFile:

@@ -23,6 +23,7 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -136,7 +137,8 @@ def _s3(cfg: StoreConfig) -> pafs.FileSystem:
 
 
 def _gcs(cfg: StoreConfig) -> pafs.FileSystem:
-    kwargs: dict[str, Any] = {"retry_time_limit_seconds": 60.0}
+    # (pyarrow's argument is a timedelta named retry_time_limit)
+    kwargs: dict[str, Any] = {"retry_time_limit": timedelta(seconds=60)}
     endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or None
     if endpoint:  # a local emulator: plain http, no credentials
         scheme, _, host = endpoint.rpartition("://")
@@ -225,11 +227,6 @@ def prepare(spec: JobSpec) -> JobSpec:
     uris = [spec.input, spec.output, spec.budget.ledger_dir or ""]
     if not any(is_store(u) for u in uris):
         return spec
-    for field, where in (("output", spec.output), ("budget.ledger_dir", uris[2])):
-        if is_store(where) and scheme_of(where) != "s3":
-            raise UserError(f"{field}: {where}: writing to {scheme_of(where)}:// needs "
-                            "conditional writes, not implemented yet; use an s3:// URI or a "
-                            "local folder (gs:// works for input)")
     given = spec.storage
     cfg = resolved(getattr(given, "endpoint_url", None), getattr(given, "region", None))
     block = StorageSpec(endpoint_url=cfg.endpoint_url, region=cfg.region)

@@ -86,26 +86,3 @@ def test_output_the_credentials_cannot_write(tmp_path: Path, bucket: str, s3_ser
         assert proxy.injected["deny"] >= 1
     assert "testing" not in line  # no key in the message
     assert calls == []
-
-
-def test_gs_output_is_refused_in_one_line(tmp_path: Path, provider: tuple[str, list[str]]
-                                          ) -> None:
-    """GCS has no conditional-write implementation yet: an output or ledger there is
-    refused before anything runs (an input on gs:// is read through pyarrow)."""
-    url, calls = provider
-    make_prompts(tmp_path / "in.parquet", 10)
-    spec = write_spec(tmp_path, output="gs://some-bucket/out/",
-                      endpoint={"base_url": url, "api_key_env": None})
-    _one_line(_run(spec), 2, "output: gs://some-bucket/out/", "use an s3:// URI")
-    assert calls == []
-
-
-def test_batch_mode_with_an_output_in_a_store_is_refused(tmp_path: Path,
-                                                         provider: tuple[str, list[str]]
-                                                         ) -> None:
-    url, calls = provider
-    make_prompts(tmp_path / "in.parquet", 10)
-    spec = write_spec(tmp_path, output="s3://some-bucket/out/", mode="batch",
-                      endpoint={"base_url": url, "api_key_env": None})
-    _one_line(_run(spec), 2, "mode: batch", "s3://some-bucket/out/", "mode online")
-    assert calls == []

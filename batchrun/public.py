@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from batchrun.api.records import result_schema
 from batchrun.errors import BatchrunError
+from batchrun.io import stores
 from batchrun.io.storage import read_table
 from batchrun.io.summary import Summary
 from batchrun.io.writer import ResultsStore
@@ -97,6 +98,7 @@ def read_results(spec: SpecSource, *, ds: str | None = None) -> pa.Table:
     ``pyarrow.Table``; empty, with the result columns, before any shard finished.
     Rows of a run still in progress (its checkpoint parts) are not included."""
     _, job = _spec(spec, ds)
+    job = stores.prepare(job)  # an output in a store: the spec's endpoint and region
     store = ResultsStore(job.output, result_schema())
     files = sorted(store.result_files())
     if not files:

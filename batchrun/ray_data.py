@@ -84,6 +84,10 @@ def pipeline_spec(source: JobSpec | Mapping[str, Any] | str | Path) -> JobSpec:
     if spec.mode == "batch":
         raise SpecError("mode: batch cannot run inside a Ray Data pipeline (it sends rows "
                         "online, under the limiter); use batchrun.run for the Batch API")
+    if spec.engine is not None:
+        raise SpecError("engine: is not supported by ray_data.complete (a pipeline calls an "
+                        "endpoint someone runs); use batchrun.run, or set endpoint.base_url "
+                        "to your servers")
     if spec.simulate is not None:
         raise SpecError("simulate: is not supported by ray_data.complete (the simulated "
                         "provider would end with this call); start batchrun.sim yourself "
@@ -175,12 +179,13 @@ class _Complete:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result(5)
 
-    async def _lease(self, costs: list[float], usd: list[float] | None,
-                     settle: list[tuple[float, float]], spare: tuple[int, float]
-                     ) -> LeaseAnswer:
-        try:
+    async def _lease(self, costs: list[Any], usd: list[float] | None,
+                     settle: list[tuple[float, float]], spare: tuple[int, Any],
+                     released: list[tuple[float, float]] | None = None) -> LeaseAnswer:
+        try:  # the same call as a job's worker (online/worker.py), released output included
             return await asyncio.wait_for(
-                self._limiter.lease.remote(costs, usd, settle, spare), LEASE_TIMEOUT_S)
+                self._limiter.lease.remote(costs, usd, settle, spare, released),
+                LEASE_TIMEOUT_S)
         except TimeoutError:
             raise ClusterError(f"the rate limiter did not answer within {LEASE_TIMEOUT_S:.0f} s"
                                ) from None
@@ -221,7 +226,8 @@ class _Complete:
         recs = await self._records(runner, self._rows(batch))
         await self._permits.flush()  # this batch's settlements reach the budget now
         if any(r is None for r in recs):  # the budget is spent, or the pipeline was halted
-            halted = self._halted or await self._limiter.halted.remote()
+            halted = self._halted or await asyncio.wait_for(self._limiter.halted.remote(),
+                                                            LEASE_TIMEOUT_S)
             if halted:
                 raise JobCannotSucceed(f"batchrun stopped the pipeline: {halted}")
         filled = [r if r is not None else
@@ -281,7 +287,8 @@ def complete(ds: Dataset, spec: JobSpec | Mapping[str, Any] | str | Path, *,
     name = limiter_name(f"{spec.name}:ray-data-{secrets.token_hex(4)}")
     # The pool's actors hold the handle: the limiter lives as long as the pipeline's plan
     limiter = RateLimiter.options(name=name).remote(  # type: ignore[attr-defined]
-        spec.name, spec.limits.rpm, spec.limits.tpm, budget)
+        spec.name, spec.limits.rpm, spec.limits.tpm, budget,
+        input_tpm=spec.limits.input_tpm, output_tpm=spec.limits.output_tpm)
     # A reference inside a list: Ray passes the reference, not the key, to the actors
     key_box = [ray.put(key) if key else None]
     most = concurrency[1] if isinstance(concurrency, tuple) else concurrency

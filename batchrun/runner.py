@@ -252,6 +252,8 @@ def _prepare(spec_path: str, opts: RunOptions, given: JobSpec | None = None) -> 
     store = ResultsStore(spec.output, result_schema(carry_schema(spec, shards), extra))
     store.check_writable()
     lease = acquire_lease(spec.output)  # an output in a store: one driver at a time
+    if lease is not None:
+        store.guard = lease.check  # a lost lease stops every later write
     try:
         check_fingerprint(spec, files, force=opts.force,
                           schema=structured.schema if structured else None)

@@ -89,7 +89,8 @@ class ApiClient:
             raise FatalRequestError(f"request body is not JSON: {e}", error_type="bad_request"
                                     ) from None
         try:
-            url = self._url if base_url is None else base_url + self._kind.path
+            url = (self._url if base_url is None
+                   else self._provider.url(base_url, self._kind))  # the provider's own rule
             async with self._session.post(url, data=data, headers=self._headers) as resp:
                 raw = await self._read_capped(resp)
                 status = resp.status

@@ -67,7 +67,7 @@ class EmbeddingsKind:
     path = "/embeddings"
 
     def check_spec(self, spec: JobSpec) -> None:
-        for name in ("response_format", "image_column", "messages_column"):
+        for name in ("response_format", "image_column", "messages_column", "system_prompt"):
             if getattr(spec, name) is not None:
                 raise SpecError(f"task: embeddings takes no {name}; remove it (an embedding "
                                 "is the vector of prompt_column's or prompt_template's text)")

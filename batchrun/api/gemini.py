@@ -94,12 +94,14 @@ class GenerateContentKind:
             prompt = int(usage.get("promptTokenCount") or 0)
             completion = int(usage.get("candidatesTokenCount") or 0) + int(
                 usage.get("thoughtsTokenCount") or 0)
-            cached = int(usage.get("cachedContentTokenCount") or 0)
             reason = cand.get("finishReason")
             return Completion(text="".join(texts) if texts else None,
                               finish_reason=FINISH_REASONS.get(reason, reason),
                               prompt_tokens=prompt, completion_tokens=completion,
-                              total_tokens=prompt + completion, cache_read_tokens=cached)
+                              # cachedContentTokenCount is not passed on as cache reads:
+                              # priced at Anthropic's 0.1x it would under-count Gemini's
+                              # discount (0.25x), and the budget must never under-count
+                              total_tokens=prompt + completion)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise RetryableError(f"malformed response body ({type(e).__name__})", status=200,
                                  error_type="malformed_body", maybe_billed=True) from None
@@ -123,7 +125,7 @@ class GeminiProvider:
         return base_url.removesuffix("/v1beta") + kind.path
 
     def result_fields(self) -> list[pa.Field]:
-        return [pa.field("cache_read_tokens", pa.int64())]
+        return []
 
     def auth_headers(self, api_key: str | None) -> dict[str, str]:
         return {"x-goog-api-key": api_key} if api_key else {}

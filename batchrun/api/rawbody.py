@@ -65,7 +65,14 @@ class RawBodyKind:
                 for f in kind_result_fields(self.inner, spec)]
 
     def payload(self, spec: JobSpec, value: Any) -> tuple[RawBody | None, str | None]:
-        return (value, None) if isinstance(value, RawBody) else (None, "not a batch line")
+        if not isinstance(value, RawBody):
+            return None, "not a batch line"
+        inputs = value.body.get("input")
+        if self.task == "embeddings" and isinstance(inputs, list) and len(inputs) > 1:
+            # one line is one row and one result row: N vectors would have nowhere to go
+            return None, (f"an embeddings line holds {len(inputs)} inputs; give one input "
+                          "per line (its custom_id names its vector)")
+        return value, None
 
     def body(self, spec: JobSpec, payload: RawBody, fields: dict[str, Any]) -> dict[str, Any]:
         body = {**payload.body, "model": spec.model}

@@ -129,8 +129,10 @@ class S3Conditional:
         except Exception as e:
             if _status(e) not in (409, 412):  # 409: a concurrent conditional write won
                 raise OSError(f"s3://{path}: {e}") from e
-        # ours, if a retried attempt met its own earlier success (the ETag is the MD5)
-        return self._etag(path) == f'"{hashlib.md5(data).hexdigest()}"'
+        # ours, if a retried attempt met its own earlier success: compare the bytes (an
+        # ETag is the MD5 only for single-part objects without SSE-KMS)
+        got = self.read_with_version(path)
+        return got is not None and got[0] == data
 
     def put(self, path: str, data: bytes) -> None:
         """An unconditional PUT: one request, where pyarrow's stream makes a multipart

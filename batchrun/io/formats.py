@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from batchrun.errors import InputDataError
+from batchrun.errors import InputDataError, OutputError
 from batchrun.io import storage
 
 __all__ = ["BATCH_FILE_SCHEMA", "ERROR_COLUMN", "GROUP_ROWS", "ROW_SUFFIXES", "RowFile",
@@ -158,11 +157,16 @@ class RowFile:
         return rows, offsets
 
     def _cache_key(self) -> tuple[str, int, float] | None:
+        """The file's name, size and modification time (an object in a store too: each
+        shard's reader would otherwise download the whole object again to count it)."""
         try:
-            st = os.stat(self.name)
-        except OSError:  # not a local path: counted once per reader
+            fs, inside = storage.locate(self.name)
+            info = fs.get_file_info(inside)
+        except (OSError, OutputError):
             return None
-        return (self.name, st.st_size, st.st_mtime)
+        if info.size is None or info.mtime_ns is None:
+            return None
+        return (self.name, info.size, float(info.mtime_ns))
 
     # -- JSONL -----------------------------------------------------------------------
 

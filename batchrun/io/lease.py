@@ -60,6 +60,7 @@ class Lease:
         self.ttl_s = ttl_s
         self.version: str | None = None
         self.lost: str | None = None
+        self._renewed = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -105,8 +106,21 @@ class Lease:
                     self.lost = "another driver took over this output's lease"
                     return
                 self.version = self._version_of(data)
-            except (OSError, OutputError) as e:  # the store is down: try again next round
-                self.lost = None if not isinstance(e, OutputError) else str(e)
+                self._renewed = time.monotonic()
+            except OutputError as e:
+                self.lost = str(e)
+                return
+            except OSError:  # the store is down: try again next round, until the lease ends
+                if time.monotonic() - self._renewed > self.ttl_s * 0.9:
+                    self.lost = (f"the lease could not be renewed for {self.ttl_s:.0f} s (the "
+                                 "store does not answer); another driver may take it over")
+                    return
+
+    def check(self) -> None:
+        """Raise ``OutputError`` once the lease is lost: this driver must not write on."""
+        if self.lost is not None:
+            raise OutputError(f"output: {self.uri.rsplit('/', 1)[0]}: {self.lost}; this "
+                              "driver stops; run the same command again to resume")
 
     def start(self) -> Lease:
         self._thread = threading.Thread(target=self._renew, name="batchrun-lease",

@@ -29,6 +29,7 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -78,6 +79,8 @@ class ResultsStore:
         self.cond: ConditionalStore | None = (
             conditional_for(stores.uri(scheme, self.root))[0] if scheme else None)
         self._versions: dict[str, str | None] = {}  # final file versions read by _gather
+        # called before every write: the output lease's check (io/lease.py) in a store
+        self.guard: Callable[[], None] = lambda: None
 
     def final_path(self, shard_name: str) -> str:
         return join(self.root, "results", f"{shard_name}.parquet")
@@ -92,6 +95,7 @@ class ResultsStore:
 
     def write_part(self, shard_name: str, table: pa.Table) -> None:
         """Checkpoint some finished rows of a running shard."""
+        self.guard()
         if table.num_rows:
             # time first, so names sort oldest first: the newest result of an id wins
             name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.parquet"
@@ -214,6 +218,7 @@ class ResultsStore:
     def finalize(self, shard_name: str) -> int:
         """Merge parts (and an older final) into one file, the latest result per id wins;
         the file names the parts it holds, then they are deleted (see the module docs)."""
+        self.guard()
         tables, held = self._gather(shard_name)
         table = pa.concat_tables(tables) if tables else self.schema.empty_table()
         ids = table["id"].to_pylist()

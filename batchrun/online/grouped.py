@@ -25,6 +25,7 @@ from batchrun.api.tokens import count_text_tokens
 from batchrun.errors import BudgetExhausted, FatalRequestError, RequestError
 from batchrun.io.shards import RequestRow
 from batchrun.limits.permits import PermitTooLarge
+from batchrun.limits.ratelimit import Cost
 from batchrun.money.budget import DEFAULT_MARGIN
 from batchrun.money.pricing import cost_usd, worst_case_usd
 from batchrun.online.engine import RowRunner, _now, _Try
@@ -71,10 +72,12 @@ class GroupRunner(RowRunner):
         return [count_text_tokens(r.messages, self._spec.model)  # type: ignore[arg-type]
                 for r in rows]
 
-    def _group_reservation(self, tokens: int) -> tuple[float, float | None]:
+    def _group_reservation(self, tokens: int) -> tuple[Cost, float | None]:
         spec = self._spec
         out = output_tokens(self._kind, spec)
-        cost = float(tokens + out) if spec.limits.tpm else 1.0
+        cost: Cost = float(tokens + out) if spec.limits.tpm else 1.0
+        if self._io_windows:  # input_tpm: every input token of the request counts
+            cost = (float(tokens), float(out))
         usd = (worst_case_usd(self._price, tokens, out, margin=DEFAULT_MARGIN)
                if self._budgeted and self._price is not None else None)
         return cost, usd

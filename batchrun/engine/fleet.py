@@ -92,7 +92,7 @@ class Fleet:
                 actor = EngineReplica.options(  # type: ignore[attr-defined]
                     name=engine_name(self._spec.name, i), scheduling_strategy=strategy,
                     **{k: v for k, v in opts.items() if v is not None}).remote(
-                    self._spec.name, i, e, self._spec.model)
+                    self._spec.name, i, e, self._spec.model, self._spec.storage)
             except ValueError as err:  # the name is taken: this job runs already
                 raise UserError(f"job {self._spec.name!r} is already running on this Ray "
                                 "cluster (its engine actors exist); stop it first") from err

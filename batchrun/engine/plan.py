@@ -12,6 +12,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchrun.engine.weights import check_listed, is_uri
 from batchrun.errors import SpecError
 from batchrun.spec import EngineSpec, JobSpec
 
@@ -23,18 +24,22 @@ def engine_name(job: str, index: int) -> str:
     return f"batchrun:{job}:engine-{index}"
 
 
-def command_args(engine: EngineSpec, *, model: str, host: str, port: int) -> list[str]:
+def command_args(engine: EngineSpec, *, model: str, host: str, port: int,
+                 model_path: str | None = None) -> list[str]:
     """The replica's argv: placeholders filled, then split like a shell would (no shell
-    runs it, so a model name cannot inject a command)."""
-    fields = {"model": shlex.quote(model), "model_path": shlex.quote(engine.model_path or ""),
+    runs it, so a model name cannot inject a command). ``model_path``: the node's local
+    copy of a URI's weights (``weights.py``), else ``engine.model_path`` as written."""
+    path = engine.model_path if model_path is None else model_path
+    fields = {"model": shlex.quote(model), "model_path": shlex.quote(path or ""),
               "port": str(port), "host": shlex.quote(host)}
     return shlex.split(engine.command.format_map(fields))
 
 
 def check_model_path(spec: JobSpec, where: str = "job spec") -> None:
     """Refuse, before anything starts, an unknown placeholder in ``engine.command`` and a
-    local ``model_path`` that does not exist on this machine (a URI, s3://..., is the
-    engine's own business: vLLM and SGLang read some themselves)."""
+    local ``model_path`` that does not exist on this machine, or a store URI (s3://,
+    gs://: each node copies it, ``weights.py``) that lists no objects. Other URIs are the
+    engine's own business."""
     e = spec.engine
     if e is None:
         return
@@ -43,7 +48,9 @@ def check_model_path(spec: JobSpec, where: str = "job spec") -> None:
     except (KeyError, IndexError, ValueError) as err:
         raise SpecError(f"{where}: engine.command: unknown placeholder {err}; use only {{model}}, "
                         "{model_path}, {port}, {host} (double a literal brace: {{ }})") from None
-    if e.model_path and "://" not in e.model_path and not Path(e.model_path).exists():
+    if is_uri(e.model_path):
+        check_listed(e.model_path or "", where)
+    elif e.model_path and "://" not in e.model_path and not Path(e.model_path).exists():
         raise SpecError(f"{where}: engine.model_path: {e.model_path} does not exist; give the "
                         "folder holding the model's weights")
 

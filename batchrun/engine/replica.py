@@ -31,8 +31,10 @@ from typing import Any
 import aiohttp
 import ray
 
-from batchrun.engine import supervise
+from batchrun.engine import supervise, weights
 from batchrun.engine.plan import command_args
+from batchrun.errors import UserError
+from batchrun.io import stores
 from batchrun.spec import EngineSpec
 
 __all__ = ["CHECK_S", "HEALTH_FAILURES", "EngineReplica", "free_port"]
@@ -54,8 +56,11 @@ def free_port(host: str) -> int:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class EngineReplica:
-    def __init__(self, job: str, index: int, engine: EngineSpec, model: str):
+    def __init__(self, job: str, index: int, engine: EngineSpec, model: str,
+                 storage: Any = None):
         self._job, self._index, self._engine, self._model = job, index, engine, model
+        stores.configure(storage)  # the spec's storage: block; keys from this node
+        self._model_path: str | None = None  # the node's copy of a URI's weights
         self._name = f"engine-{index}"
         self._node = ray.get_runtime_context().get_node_id()
         self._host = ray.util.get_node_ip_address()
@@ -93,6 +98,8 @@ class EngineReplica:
             if problem:
                 self._fail(problem)
                 return
+        if weights.is_uri(self._engine.model_path) and not await self._fetch_weights():
+            return
         timeout = aiohttp.ClientTimeout(total=5.0)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             misses = 0
@@ -114,12 +121,26 @@ class EngineReplica:
                 self._state, self._url = "restarting", None
                 self._log(f"restarting the server (generation {self._generation})")
 
+    async def _fetch_weights(self) -> bool:
+        """The node's copy of ``model_path`` (made once per node); False: failed."""
+        uri = self._engine.model_path or ""
+        try:
+            folder, copied = await asyncio.to_thread(weights.ensure_local, uri)
+        except (UserError, OSError) as e:  # OSError: the cache folder (disk full, rights)
+            self._fail(f"replica {self._name} on {self._host}: {e}")
+            return False
+        self._model_path = str(folder)
+        self._log(f"{'copied' if copied else 'using the copy of'} {uri} "
+                  f"{'to' if copied else 'at'} {folder}", tail=False)
+        return True
+
     def _fail(self, message: str) -> None:
         self._state, self._error = "failed", message
         self._log(message)
 
     def _spawn(self, port: int) -> None:
-        argv = command_args(self._engine, model=self._model, host=self._host, port=port)
+        argv = command_args(self._engine, model=self._model, host=self._host, port=port,
+                            model_path=self._model_path)
         self._tail.clear()
         self._log(f"starting on {self._host}:{port}: {' '.join(argv)}", tail=False)
         self._proc = subprocess.Popen(

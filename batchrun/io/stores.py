@@ -225,7 +225,8 @@ def prepare(spec: JobSpec) -> JobSpec:
     environment where the spec gives none), configured in this process; a ledger in a store
     is checked here (the input and output are checked where they are read and written)."""
     uris = [spec.input, spec.output, spec.budget.ledger_dir or ""]
-    if not any(is_store(u) for u in uris):
+    weights = spec.engine.model_path if spec.engine is not None else None
+    if not any(is_store(u) for u in [*uris, weights or ""]):
         return spec
     given = spec.storage
     cfg = resolved(getattr(given, "endpoint_url", None), getattr(given, "region", None))

@@ -21,7 +21,8 @@ class EngineSpec(_Model):
 
     command: str = Field(..., description="The server's command line; {model}, {model_path}, "
                          "{port} (required) and {host} are filled in per replica.")
-    model_path: str | None = Field(None, description="Local folder of the weights ({model_path}).")
+    model_path: str | None = Field(None, description="Local folder of the weights, or an s3:// "
+                                   "or gs:// prefix copied to each node once ({model_path}).")
     replicas: int = Field(1, ge=1, description="Servers to start, one per placement-group bundle.")
     resources: dict[str, float] = Field(
         default_factory=lambda: {"GPU": 1.0}, description="Per replica, e.g. {GPU: 1, CPU: 8}.")

@@ -16,6 +16,7 @@ import ray
 
 import batchrun
 import batchrun.ray_data as brd
+from batchrun.errors import SpecError
 from batchrun.sim import MockConfig, RunningServer, start_in_thread
 from batchrun.sim.ledger import prompt_key
 from tests.conftest import error_server
@@ -204,8 +205,12 @@ def test_missing_template_column_fails_before_any_request(ray_data: None) -> Non
 
 def test_anthropic_messages_and_responses_tasks(ray_data: None) -> None:
     with start_in_thread(MockConfig()) as srv:
+        # input and output TPM apart: each answer gives its unused output back to the
+        # limiter (a lease with released output: the actors' lease must take it)
         anth = _spec(srv, model="claude-sonnet-4-5", system_prompt="Be brief.",
-                     endpoint={"api": "anthropic", "base_url": srv.base_url})
+                     endpoint={"api": "anthropic", "base_url": srv.base_url},
+                     limits={"rpm": 100_000, "input_tpm": 1_000_000, "output_tpm": 500_000,
+                             "max_concurrency": 24})
         a_rows = brd.complete(_ds(10, blocks=2), anth, concurrency=2).take_all()
         resp = _spec(srv, task="responses")
         r_rows = brd.complete(_ds(10, blocks=2), resp, concurrency=2).take_all()
@@ -293,3 +298,11 @@ def test_image_column_adds_an_image_part_and_a_bad_one_is_that_rows_error(ray_da
         {"type": "text", "text": f"What is in picture {i}?"},
         {"type": "image_url", "image_url": {"url": f"https://img.test/{i}.png"}}]}])
         for i in range(1, 6)}
+
+
+def test_engine_is_refused_in_a_pipeline() -> None:
+    spec = {"name": "rd", "prompt_column": "prompt", "model": "m",
+            "generation": {"max_tokens": 8},
+            "engine": {"command": "serve --port {port}", "resources": {"CPU": 1}}}
+    with pytest.raises(SpecError, match=r"engine: is not supported by ray_data\.complete"):
+        brd.pipeline_spec(spec)

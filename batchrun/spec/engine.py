@@ -1,19 +1,17 @@
 """The ``engine:`` block of a job spec: a self-hosted server batchrun starts (docs/engines.md).
 
-Its own module so that spec.py stays readable; spec.py re-exports ``EngineSpec``.
+Its own module so that ``spec/__init__.py`` stays readable; it re-exports ``EngineSpec``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from batchrun.spec.parts import _Model  # its one-line SpecError in Python too
 
 __all__ = ["EngineSpec", "engine_problem"]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class EngineSpec(_Model):

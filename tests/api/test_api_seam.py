@@ -91,3 +91,25 @@ def test_openai_headers_carry_the_key_only_in_authorization():
 def test_registry_has_one_entry_per_kind_and_provider():
     assert set(KINDS) == {"chat", "embeddings", "responses"}
     assert set(PROVIDERS) == {"openai", "anthropic", "gemini"}
+
+
+def test_an_embeddings_batch_line_with_several_inputs_is_its_rows_error():
+    from batchrun.api.embeddings import EmbeddingsKind
+    from batchrun.api.rawbody import RawBody, RawBodyKind
+
+    kind = RawBodyKind(EmbeddingsKind())
+    one = RawBody({"model": "m", "input": ["a"]})
+    assert kind.payload(None, one) == (one, None)  # type: ignore[arg-type]
+    payload, error = kind.payload(None, RawBody({"model": "m", "input": ["a", "b"]}))  # type: ignore[arg-type]
+    assert payload is None and error is not None and "one input per line" in error
+
+
+def test_gemini_cached_tokens_are_billed_as_plain_input():
+    from batchrun.api.gemini import GenerateContentKind
+
+    doc = {"candidates": [{"content": {"parts": [{"text": "hi"}]}, "finishReason": "STOP"}],
+           "usageMetadata": {"promptTokenCount": 1000, "candidatesTokenCount": 10,
+                             "cachedContentTokenCount": 800}}
+    c = GenerateContentKind("gemini-2.5-flash").parse(doc)
+    # a cache-read rate (Anthropic's 0.1x) would under-count Gemini's bill and the budget
+    assert c.prompt_tokens == 1000 and c.cache_read_tokens == 0

@@ -56,6 +56,8 @@ def test_spec_needs_no_max_tokens_and_refuses_chat_only_fields(tmp_path: Path) -
     msg = _spec_error(tmp_path, response_format={"json_schema": {"type": "object"}})
     assert "embeddings takes no response_format" in msg
     assert "image_column" in _spec_error(tmp_path, image_column="photo")
+    # an embedding's input is one text: a system prompt has nowhere to go
+    assert "takes no system_prompt" in _spec_error(tmp_path, system_prompt="Be {{ x }}.")
     assert "encoding_format" in _spec_error(tmp_path, embedding={"encoding_format": "hex"})
 
 

@@ -101,3 +101,25 @@ def test_the_lease_refuses_a_second_driver_and_passes_on(bucket: str) -> None:
     assert json.loads(s3_client().get_object(Bucket=bucket, Key="job/lease.json")["Body"]
                       .read())["run"] == renewed.run
     renewed.release()
+
+
+def test_a_lease_taken_over_stops_every_later_write(bucket: str) -> None:
+    out = f"s3://{bucket}/job2"
+    lease = Lease(out, ttl_s=0.6)  # renewed every 0.2 s
+    lease.take()
+    lease.start()
+    try:
+        lease.check()  # held: writes go on
+        # another driver overwrites it (as after this one's store outage past the TTL)
+        s3_client().put_object(Bucket=bucket, Key="job2/lease.json", Body=b'{"run": "other"}')
+        deadline = time.monotonic() + 10
+        while lease.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(OutputError, match="another driver took over"):
+            lease.check()
+        store = ResultsStore(out, result_schema())
+        store.guard = lease.check  # as runner.py wires it
+        with pytest.raises(OutputError, match="another driver took over"):
+            store.write_part("shard-000000", result_schema().empty_table())
+    finally:
+        lease.release()

@@ -16,7 +16,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_prompts, write_spec
 
 from batchrun.api.protocols import Completion
 from batchrun.batch import run_batch_job
@@ -28,7 +27,7 @@ from batchrun.io.writer import ResultsStore
 from batchrun.sim import MockConfig, RunningServer, answer_for, start_in_thread
 from batchrun.sim.batches import BATCHES
 from batchrun.spec import JobSpec, load_spec
-from tests.conftest import error_server
+from tests.conftest import error_server, make_prompts, write_spec
 
 KEY_ENV = "BATCHRUN_TEST_BATCH_KEY"
 KEY = "sk-batch-secret-123"

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_prompts, write_spec
 
 from batchrun.batch import run_batch_job
 from batchrun.errors import JobCannotSucceed, ResumeRefused
 from batchrun.sim import MockConfig, start_in_thread
 from batchrun.sim.batches import BATCHES
 from batchrun.spec import JobSpec, load_spec
-from tests.conftest import error_server
+from tests.conftest import error_server, make_prompts, write_spec
 
 KEY_ENV = "BATCHRUN_TEST_RETRY_KEY"
 KEY = "sk-retry-secret-789"

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_prompts, write_spec
 from typer.testing import CliRunner
 
 from batchrun.api.protocols import Completion
@@ -28,7 +27,7 @@ from batchrun.io.shards import plan_shards
 from batchrun.io.summary import exit_code, summarize
 from batchrun.money.pricing import cost_usd, price_for
 from batchrun.spec import JobSpec, load_spec
-from tests.conftest import error_server
+from tests.conftest import error_server, make_prompts, write_spec
 
 KEY_ENV = "BATCHRUN_TEST_UNITS_KEY"
 KEY = "sk-units-secret-0f0f"

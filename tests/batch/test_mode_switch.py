@@ -20,7 +20,6 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from click.testing import Result
-from conftest import make_prompts, write_spec
 from typer.testing import CliRunner
 
 from batchrun.cli import app
@@ -30,7 +29,7 @@ from batchrun.money.pricing import price_for
 from batchrun.sim import MockConfig, RunningServer, prompt_key, start_in_thread
 from batchrun.sim.batches import BATCHES
 from batchrun.spec import load_spec
-from tests.conftest import error_server
+from tests.conftest import error_server, make_prompts, write_spec
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(240)]
 

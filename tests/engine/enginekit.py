@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import make_prompts, write_spec
+from tests.conftest import make_prompts, write_spec
 
 REPO = Path(__file__).resolve().parents[2]
 

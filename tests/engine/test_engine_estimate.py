@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_prompts, write_spec
 from typer.testing import CliRunner
 
 from batchrun.cli import app
+from tests.conftest import make_prompts, write_spec
 
 
 def _job(tmp_path: Path) -> Path:

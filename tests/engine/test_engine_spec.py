@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_prompts, write_spec
 from typer.testing import CliRunner
 
 from batchrun.cli import app
 from batchrun.errors import SpecError, UserError
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import load_spec
+from tests.conftest import make_prompts, write_spec
 
 CMD = "serve --port {port} --model {model_path}"
 

@@ -39,7 +39,7 @@ import ray
 
 from batchrun.api.client import ApiClient, open_session
 from batchrun.api.protocols import inputs_per_request, kind_result_fields
-from batchrun.api.records import RESULT_FIELDS
+from batchrun.api.records import RESULT_FIELDS, records_table
 from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
@@ -234,7 +234,7 @@ class _Complete:
                   {"status": "error", "error_type": "budget_exhausted", "attempts": 0,
                    "error_message": "the budget was spent before this row was sent"}
                   for r in recs]
-        results = pa.Table.from_pylist(filled, schema=pa.schema(self._fields))
+        results = records_table(filled, pa.schema(self._fields))
         for f, col in zip(results.schema, results.columns):
             batch = batch.append_column(f, col)
         return batch

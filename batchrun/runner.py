@@ -22,6 +22,7 @@ import ray
 from ray.job_config import JobConfig
 
 from batchrun.api.protocols import kind_result_fields
+from batchrun.api.records import warm_arrow
 from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.structured import Structured
 from batchrun.engine.fleet import Fleet
@@ -308,6 +309,7 @@ def _run_online(job: _Job, spec: JobSpec, key: str | None, opts: RunOptions,
         if fleet is not None:
             fleet.watch(spec.budget.max_cost_usd, actors.limiter.exhaust.remote,
                         actors.limiter.halt.remote)
+        warm_arrow()  # before the first table arrives, not while it is written
         run.exhausted = dispatch(spec, actors.limiter, actors.workers, actors.key_box,
                                  job.store, plans, job.total, done, opts.progress)
     finally:

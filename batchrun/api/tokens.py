@@ -13,6 +13,7 @@ so estimates and bills can be compared exactly in tests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = ["count_chat_tokens", "count_text_tokens", "encoding_name_for"]
 
 _TOKENS_PER_MESSAGE = 3
 _TOKENS_TO_PRIME_REPLY = 3
+_SLOW_PATH_CHARS = 1_000_000  # bpe_openai refuses longer texts: keep its error
 
 
 def encoding_name_for(model: str) -> str:
@@ -44,9 +46,36 @@ def _encoding_for_model(model: str) -> Any:
     return _encoding(encoding_name_for(model))
 
 
+@lru_cache(maxsize=64)
+def _counter(model: str) -> Callable[[str], int]:
+    """The fastest exact count for ``model``: the Rust tokenizer's own ``count`` (half the
+    time of ``encode_ordinary``, which builds the token list), else the length of that."""
+    enc = _encoding_for_model(model)
+
+    def slow(text: str) -> int:
+        return len(enc.encode_ordinary(text))
+
+    try:
+        from bpe_openai._bindings import tokenizer_for_encoding
+
+        fast = tokenizer_for_encoding(enc.name).count
+    except (ImportError, AttributeError, ValueError):
+        return slow
+
+    def count(text: str) -> int:
+        if len(text) >= _SLOW_PATH_CHARS:
+            return slow(text)  # its guards: a lone surrogate, a text too long to encode
+        try:
+            return int(fast(text))
+        except (UnicodeEncodeError, ValueError):
+            return slow(text)
+
+    return count
+
+
 def count_text_tokens(text: str, model: str = "gpt-4.1") -> int:
     """Tokens of a plain string; special-token text is counted as ordinary text."""
-    return len(_encoding_for_model(model).encode_ordinary(text))
+    return _counter(model)(text)
 
 
 def count_chat_tokens(messages: list[dict[str, Any]], model: str = "gpt-4.1") -> int:

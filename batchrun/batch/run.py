@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from batchrun.api.protocols import kind_result_fields
+from batchrun.api.records import records_table
 from batchrun.api.registry import kind_for, provider_for
 from batchrun.batch.clients import BatchClient, batch_client, require_batch_api
 from batchrun.batch.collect import Check, collect_chunk, parse_lines
@@ -229,7 +230,7 @@ class _Driver:
         self.gate.settle_chunk(c.seq, res.paid_usd)  # refused answers were billed too
         for sidx, records in res.records.items():
             if records:
-                table = pa.Table.from_pylist(records, schema=self.store.schema)
+                table = records_table(records, self.store.schema)
                 self.store.write_part(self.shards[sidx].name, table)
         if online:
             for sidx, pos, _ in res.retry:

@@ -185,7 +185,7 @@ class ResultsStore:
             storage.commit_table(path, table, fs=self.fs)
             return
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
+        storage.write_parquet(table, sink)
         data = sink.getvalue().to_pybytes()
         version = self._versions.pop(shard_name, None)
         try:

@@ -117,6 +117,7 @@ class Dispatcher:
         """Feed the rolling error rate; past max_error_rate, stop every worker."""
         if self._error_rate is None or self.halted is not None:
             return
+        table = table.select(["attempts", "status", "error_type", "error_message"])  # no vectors
         sent = table.filter(pc.greater(pc.fill_null(table["attempts"], 0), 0))  # not bad_row
         n_err = int(pc.sum(pc.equal(sent["status"], "error")).as_py() or 0)
         if n_err == 0:

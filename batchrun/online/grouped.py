@@ -155,19 +155,23 @@ class GroupRunner(RowRunner):
         if usd is not None:
             self._permits.settle(usd, billed)
         self.breaker.success()
-        latency = (time.perf_counter() - t0) * 1e3
+        # what the rows share, built once: a request carries up to 2,048 of them
+        shared = self._record(rows[0], started, attempts=t.attempt, wait_ms=t.wait * 1e3,
+                              latency_ms=(time.perf_counter() - t0) * 1e3,
+                              completion_tokens=0)
+        row_usd: dict[int, float] = {}  # by token count: rows repeat a few counts
         out: list[dict[str, Any] | None] = []
         for row, tokens, fields in zip(rows, share_tokens(counts, c.prompt_tokens), c.extra,
                                        strict=True):
-            usd_row = cost_usd(self._price, tokens, 0) if self._price else 0.0
+            if (usd_row := row_usd.get(tokens)) is None:
+                usd_row = row_usd[tokens] = (cost_usd(self._price, tokens, 0)
+                                             if self._price else 0.0)
+            rec = {**shared, "id": row.id, **row.carry, "prompt_tokens": tokens,
+                   "total_tokens": tokens, "cost_usd": usd_row}
             if wrong := self._wrong_size(fields):
-                out.append(self._record(
-                    row, started, status="error", error_type="malformed_body",
-                    error_message=wrong, attempts=t.attempt, prompt_tokens=tokens,
-                    completion_tokens=0, total_tokens=tokens, cost_usd=usd_row))
-                continue
-            out.append(self._record(
-                row, started, attempts=t.attempt, wait_ms=t.wait * 1e3, latency_ms=latency,
-                prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens,
-                cost_usd=usd_row, **fields))
+                rec.update(status="error", error_type="malformed_body", error_message=wrong,
+                           wait_ms=0.0, latency_ms=None)
+            else:
+                rec.update(fields)
+            out.append(rec)
         return out

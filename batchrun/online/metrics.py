@@ -15,9 +15,23 @@ from typing import Any
 
 from ray.util import metrics
 
-__all__ = ["JobMetrics"]
+__all__ = ["JobMetrics", "request_latencies"]
 
 _LATENCY_BOUNDS_MS = [50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 3e4, 6e4]
+
+
+def request_latencies(recs: list[dict[str, Any]]) -> list[float]:
+    """The latency of each successful request among ``recs``. The rows one request
+    answered (embeddings: up to 2,048) share its latency and sit side by side: it counts
+    once, as the one request it was, not once per row."""
+    out: list[float] = []
+    last = None
+    for rec in recs:
+        latency = rec.get("latency_ms")
+        if latency is not None and latency != last and rec.get("status") == "ok":
+            out.append(latency)
+        last = latency
+    return out
 
 
 class JobMetrics:
@@ -47,22 +61,17 @@ class JobMetrics:
     def observe(self, recs: list[dict[str, Any]]) -> None:
         """Account a batch of finished rows: a few calls per batch, not per row."""
         tags = self._tags
-        by_status: Counter[tuple[str, str]] = Counter()
-        sums = {"prompt_tokens": 0.0, "completion_tokens": 0.0, "cost_usd": 0.0, "wait_ms": 0.0}
-        for rec in recs:
-            status = rec.get("status") or "error"
-            by_status[(status, rec.get("error_type") or "")] += 1
-            for key in sums:
-                sums[key] += rec.get(key) or 0
-            if status == "ok" and rec.get("latency_ms") is not None:
-                self.latency.observe(rec["latency_ms"], tags)
+        by_status = Counter((r.get("status") or "error", r.get("error_type") or "")
+                            for r in recs)
+        for latency in request_latencies(recs):
+            self.latency.observe(latency, tags)
         for (status, etype), n in by_status.items():
             self.requests.inc(n, {**tags, "status": status, "error_type": etype})
         for key, counter in (("prompt_tokens", self.input_tokens),
                              ("completion_tokens", self.output_tokens),
                              ("cost_usd", self.cost), ("wait_ms", self.wait)):
-            if sums[key] > 0:
-                counter.inc(sums[key], tags)
+            if (total := sum(r.get(key) or 0 for r in recs)) > 0:
+                counter.inc(total, tags)
 
     def set_in_flight(self, n: int) -> None:
         self.in_flight.set(n, self._tags)

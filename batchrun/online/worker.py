@@ -26,6 +26,7 @@ import ray
 
 from batchrun.api.client import ApiClient, open_session
 from batchrun.api.protocols import inputs_per_request
+from batchrun.api.records import records_table, warm_arrow
 from batchrun.api.registry import kind_for, provider_for
 from batchrun.api.secrets import redact
 from batchrun.api.structured import Structured
@@ -65,7 +66,6 @@ class Worker:
         self._concurrency = concurrency
         self._key_box: list[Any] = [None]  # from run_shard: see _api_key
         self._schema = schema
-        self._fixed: pa.Schema | None = None  # see _table
         self._runner: RowRunner | None = None
         self._halted: str | None = None  # why the job stops, once it does
         # rows taken and not yet written by the driver: see feed.py
@@ -110,6 +110,7 @@ class Worker:
         def on_trip(reason: str) -> None:  # a provider may echo the key in its message
             self._halt(redact(reason, key))
 
+        warm_arrow()
         cls = GroupRunner if hasattr(self._kind, "inputs_per_request") else RowRunner
         return cls(spec, client, self._permits, pause_all=self._pause_all, price=price,
                    on_trip=on_trip, budgeted=self._budgeted, structured=self._structured)
@@ -198,14 +199,7 @@ class Worker:
         self._cost += sum(r.get("cost_usd") or 0.0 for r in recs)
         self._metrics.observe(recs)
         self._metrics.set_in_flight(self._in_flight)
-        if self._fixed is None:  # fixed-size lists (embeddings) built as lists, then cast:
-            # pyarrow converts numpy arrays into a list column ~15x faster
-            self._fixed = pa.schema([f.with_type(pa.list_(f.type.value_type))
-                                     if pa.types.is_fixed_size_list(f.type) else f
-                                     for f in self._schema])
-        if self._fixed.equals(self._schema):
-            return pa.Table.from_pylist(recs, schema=self._schema)
-        return pa.Table.from_pylist(recs, schema=self._fixed).cast(self._schema)
+        return records_table(recs, self._schema)
 
     async def run_shard(self, shard: Shard, skip: set[str], key_box: list[Any],
                         driver: DriverId | None = None, stream: str = ""

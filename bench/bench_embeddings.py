@@ -14,16 +14,14 @@ last finished_at) of the results, as in bench_overhead; Ray's start-up is apart.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 from typing import Any
 
-import aiohttp
 import pyarrow.parquet as pq
 
 import batchrun.runner as runner
-from bench.common import emit, machine, prompts_file, provider, results, write_spec
+from bench.common import bare_loop, emit, machine, prompts_file, provider, results, write_spec
 
 EMBED_MODEL = "text-embedding-3-small"
 
@@ -33,29 +31,6 @@ def embedding_bodies(rows: int, per: int, dims: int) -> list[bytes]:
     return [json.dumps({"model": EMBED_MODEL, "input": texts[i:i + per],
                         "encoding_format": "base64", "dimensions": dims}).encode()
             for i in range(0, len(texts), per)]
-
-
-async def _bare(url: str, payloads: list[bytes], concurrency: int) -> tuple[int, float]:
-    sem, ok = asyncio.Semaphore(concurrency), 0
-    headers = {"Content-Type": "application/json"}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 8)
-                                     ) as s:
-
-        async def one(b: bytes) -> None:
-            nonlocal ok
-            try:
-                async with s.post(url, data=b, headers=headers) as r:
-                    await r.read()
-                    ok += r.status == 200
-            finally:
-                sem.release()
-
-        t0 = time.monotonic()
-        async with asyncio.TaskGroup() as tg:
-            for b in payloads:
-                await sem.acquire()
-                tg.create_task(one(b))
-        return ok, time.monotonic() - t0
 
 
 def _job(name: str, rows: int, url: str, concurrency: int, **over: Any) -> dict[str, Any]:
@@ -82,8 +57,9 @@ def main() -> None:
     print(machine())
     payloads = embedding_bodies(args.rows, args.per_request, args.dimensions)
     with provider() as srv:
-        ok, secs = asyncio.run(_bare(srv.base_url + "/embeddings", payloads, args.concurrency))
-        bare = {"requests": len(payloads), "ok": ok, "rows_per_s": round(args.rows / secs, 1)}
+        loop = bare_loop(srv.base_url, payloads, args.concurrency, path="/embeddings")
+        bare = {"requests": len(payloads), "ok": loop["ok"],
+                "rows_per_s": round(args.rows / loop["seconds"], 1)}
         print(f"bare loop: {bare}")
         srv.reset()
         emb = _job("embeddings", args.rows, srv.base_url, args.concurrency,

@@ -141,13 +141,13 @@ async def _bare(url: str, payloads: list[bytes], concurrency: int) -> tuple[int,
 
 
 def bare_loop(base_url: str, payloads: list[bytes], concurrency: int, *,
-              uvloop: bool = False) -> dict[str, float]:
+              uvloop: bool = False, path: str = "/chat/completions") -> dict[str, float]:
     """One process, one ClientSession, a semaphore: POST every body, count the 200s.
 
     ``uvloop``: on uvloop's event loop, as batchrun's workers run (Ray picks uvloop for
     async actors when it is installed), instead of asyncio's own.
     """
-    main = _bare(base_url + "/chat/completions", payloads, concurrency)
+    main = _bare(base_url + path, payloads, concurrency)
     if uvloop:
         import uvloop as uv
         ok, secs = uv.run(main)

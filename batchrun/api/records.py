@@ -52,16 +52,19 @@ def records_table(recs: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     arrays in one copy: row by row through ``from_pylist`` it would cost more than all
     the rest of a worker's work on the row (embeddings move tens of thousands a second).
     """
-    fixed = [f for f in schema if pa.types.is_fixed_size_list(f.type)]
-    vectors = {f.name: _vector_column([r.get(f.name) for r in recs], f.type) for f in fixed}
-    rest = [f if vectors.get(f.name) is None else None for f in schema]
-    # a vector of another shape: as a variable list, then cast (which names the problem)
-    loose = pa.schema([f.with_type(pa.list_(f.type.value_type)) if f in fixed else f
-                       for f in rest if f is not None])
+    fixed = {f.name for f in schema if pa.types.is_fixed_size_list(f.type)}
+    if not fixed:
+        return pa.Table.from_pylist(recs, schema=schema)
+    bulk = {f.name: col for f in schema if f.name in fixed
+            if (col := _vector_column([r.get(f.name) for r in recs], f.type)) is not None}
+    # a vector of another shape or type: as a variable list, then cast (which names it)
+    loose = pa.schema([f.with_type(pa.list_(f.type.value_type)) if f.name in fixed else f
+                       for f in schema if f.name not in bulk])
     table = pa.Table.from_pylist(recs, schema=loose)
     return pa.Table.from_arrays(
-        [table.column(f.name).cast(f.type) if f is not None else vectors[g.name]
-         for f, g in zip(rest, schema, strict=True)], schema=schema)
+        [bulk[f.name] if f.name in bulk else
+         table.column(f.name).cast(f.type) if f.name in fixed else table.column(f.name)
+         for f in schema], schema=schema)
 
 
 def _vector_column(values: list[Any], typ: pa.FixedSizeListType) -> pa.Array | None:

@@ -1,4 +1,4 @@
-"""The OpenAI-shaped simulator's batch queue quota: enqueued prompt tokens per model.
+"""The OpenAI-shaped simulator's batch queue quota: enqueued input tokens per model.
 
 With ``batch_queue_tokens`` set, a batch whose prompt tokens, added to those of the
 account's other open batches (validating, in progress, finalizing) of the same model,
@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from batchrun.api.tokens import count_chat_tokens
+from batchrun.sim.kinds import ROUTES
+from batchrun.sim.protocol import BadRequest
 
 __all__ = ["OPEN", "batch_tokens", "over_quota"]
 
@@ -20,14 +21,21 @@ OPEN = frozenset({"validating", "in_progress", "finalizing"})
 
 
 def batch_tokens(lines: list[dict[str, Any]]) -> tuple[str, int]:
-    """(model, prompt tokens) of a batch's request lines."""
+    """(model, prompt tokens) of a batch's request lines, counted as each endpoint bills
+    them (chat messages, embedding inputs, Responses input); a line its endpoint would
+    refuse counts nothing (it fails alone, when the batch runs)."""
     model, total = "", 0
     for doc in lines:
         body: dict[str, Any] = doc["body"] if isinstance(doc.get("body"), dict) else {}
         model = str(body.get("model") or model)
-        messages = body.get("messages")
-        if isinstance(messages, list):
-            total += count_chat_tokens(messages, model or "gpt-4.1-mini")
+        url = doc.get("url")
+        route = ROUTES.get(url) if isinstance(url, str) else None
+        if route is None:
+            continue
+        try:
+            total += route.prompt_tokens(route.parse(body))
+        except BadRequest:
+            continue
     return model, total
 
 

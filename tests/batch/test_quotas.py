@@ -9,11 +9,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from batchrun.api.tokens import count_chat_tokens, count_text_tokens
 from batchrun.batch import run_batch_job
 from batchrun.batch.quotas import may_create, quota_refused, requeue
 from batchrun.batch.requests import ChunkWriter
 from batchrun.batch.state import ChunkState
 from batchrun.sim import MockConfig, RunningServer, start_in_thread
+from batchrun.sim.quotas import batch_tokens
 from batchrun.spec import JobSpec, load_spec
 from tests.conftest import make_prompts, write_spec
 
@@ -130,3 +132,22 @@ def test_may_create_requeue_and_refusal_codes(tmp_path: Path) -> None:
     w.add(0, 0, b"x\n", tokens=90)
     assert not w.fits(spec, b"y\n", tokens=20) and w.fits(spec, b"y\n", tokens=10)
     w.discard()
+
+
+def test_the_simulated_queue_counts_every_endpoints_input_tokens() -> None:
+    """Embeddings and Responses lines fill OpenAI's enqueued-token quota as chat lines do
+    (before, only chat ``messages`` counted: an embeddings batch never hit the quota)."""
+    texts = ["the first text to embed", "a second, somewhat longer text to embed here"]
+    emb = [{"url": "/v1/embeddings", "body": {"model": "text-embedding-3-small", "input": t}}
+           for t in texts]
+    assert batch_tokens(emb) == ("text-embedding-3-small", sum(
+        count_text_tokens(t, "text-embedding-3-small") for t in texts))
+    msgs = [{"role": "user", "content": texts[0]}]
+    chat = {"url": "/v1/chat/completions",
+            "body": {"model": "gpt-4.1-mini", "messages": msgs, "max_tokens": 5}}
+    resp = {"url": "/v1/responses", "body": {"model": "gpt-4.1-mini", "input": texts[0],
+                                              "max_output_tokens": 5}}
+    assert batch_tokens([chat])[1] == count_chat_tokens(msgs, "gpt-4.1-mini")
+    assert batch_tokens([resp])[1] > 0
+    bad = {"url": "/v1/embeddings", "body": {"model": "text-embedding-3-small", "input": ""}}
+    assert batch_tokens([bad, chat])[1] == batch_tokens([chat])[1]  # it fails alone, later

@@ -233,8 +233,10 @@ def test_preflight_without_a_usable_gpu_fails_naming_the_replica(cluster: Cluste
 
 
 def test_a_replica_that_stops_answering_is_restarted(cluster: Cluster, tmp_path: Path):
-    # SIGSTOP: the process lives, holds its port and answers nothing (a hung server)
-    spec = engine_job(tmp_path, 1500, {"command": engine_command(tmp_path, "--latency-ms 60")})
+    # SIGSTOP: the process lives, holds its port and answers nothing (a hung server); with
+    # 2 s health checks it is found in 3 x (1 + 2) s rather than the default 3 x (1 + 5) s
+    spec = engine_job(tmp_path, 1500, {"command": engine_command(tmp_path, "--latency-ms 60"),
+                                       "health_timeout_s": 2})
     p = start_driver(spec, cluster.address)
     try:
         wait_for(lambda: sum(len(r) for r in ledgers(tmp_path).values()) >= 100, 120,

@@ -120,8 +120,9 @@ def test_pipeline_spec_takes_a_job_file_without_input_or_output(tmp_path: Any) -
 def test_429_storms_pause_and_every_row_still_gets_one_result(ray_data: None) -> None:
     # 429 storms of 2 s every 4 s, Retry-After = the storm's rest: the actors wait it out
     # (RowRunner's pause, told to the shared limiter) and every row still ends ok, once.
+    # 240 rows at 2,400 rpm take 6 s or more: longer than a storm's 4 s period
     with start_in_thread(MockConfig(storm_every=4.0, storm_seconds=2.0)) as srv:
-        out = brd.complete(_ds(240), _spec(srv, limits={"rpm": 1200, "max_concurrency": 24},
+        out = brd.complete(_ds(240), _spec(srv, limits={"rpm": 2400, "max_concurrency": 24},
                                            retry={"max_attempts": 8, "backoff_base_s": 0.05,
                                                   "backoff_cap_s": 0.2}),
                            concurrency=3, batch_size=10)

@@ -100,7 +100,7 @@ class EngineReplica:
                 return
         if weights.is_uri(self._engine.model_path) and not await self._fetch_weights():
             return
-        timeout = aiohttp.ClientTimeout(total=5.0)
+        timeout = aiohttp.ClientTimeout(total=self._engine.health_timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             misses = 0
             while not self._stopped:

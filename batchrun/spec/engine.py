@@ -31,6 +31,8 @@ class EngineSpec(_Model):
     startup_timeout_s: float = Field(900.0, gt=0, description="Seconds a replica may take to "
                                      "become ready.")
     health_path: str = Field("/health", description="GET path that answers 200 when ready.")
+    health_timeout_s: float = Field(5.0, gt=0, description="Seconds one health check (or the "
+                                    "readiness completion) may take before it counts as failed.")
     preflight: bool = Field(False, description="Check the reserved GPUs (commcheck's per-GPU "
                             "health) before any model loads.")
 

@@ -169,7 +169,7 @@ def test_ctrl_c_is_one_line_and_a_rerun_finishes(tmp_path):
     make_prompts(tmp_path / "in.parquet", 800)
     spec = write_spec(tmp_path, simulate={"rpm": 100_000, "latency_ms": 100},
                       endpoint={"api_key_env": "SIM_K"},
-                      limits={"rpm": 100_000, "max_concurrency": 8}, flush_rows=20)
+                      limits={"rpm": 100_000, "max_concurrency": 16}, flush_rows=20)
     cmd = [BATCHRUN, "run", str(spec), "--no-dashboard", "--no-progress"]
     # a background job of a shell may inherit SIGINT ignored: restore the default
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

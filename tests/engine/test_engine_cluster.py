@@ -193,28 +193,30 @@ def test_more_gpus_than_the_cluster_has_is_refused_before_reserving(cluster: Clu
 
 
 def test_max_cost_usd_caps_gpu_time(cluster: Cluster, tmp_path: Path):
-    # 2 replicas x 1 GPU at $360/h: $0.20 a second; an $8 cap leaves ~24 s of sending after
-    # the reservation (the cap is charged 16 s ahead: the next check and the stop)
-    spec = engine_job(tmp_path, 20_000, {"command": engine_command(tmp_path, "--latency-ms 50"),
-                                         "resources": {"CPU": 1, "GPU": 1}},
-                      price={"gpu_hour_usd": 360.0}, budget={"max_cost_usd": 8.0})
+    # 2 replicas x 1 GPU at $360/h: $0.20 a second; a $5 cap leaves ~9 s of the reservation
+    # (the cap is charged 16 s ahead: the next check and the stop), a few seconds of sending
+    # at most 2 x 8 rows / 50 ms: under a third of the rows, so the cap stops the job
+    rows = 8_000
+    spec = engine_job(tmp_path, rows, {"command": engine_command(tmp_path, "--latency-ms 50"),
+                                       "resources": {"CPU": 1, "GPU": 1}},
+                      price={"gpu_hour_usd": 360.0}, budget={"max_cost_usd": 5.0})
     rc, _, err = run_driver(spec, cluster.address)
     assert rc == 4, err[-3000:]  # budget exhausted
     s = summary_of(tmp_path)
-    assert s["budget_exhausted"] and 0 < s["rows"] < 20_000 and s["unsent"] == 20_000 - s["rows"]
-    assert s["engine"]["cost_usd"] <= 8.0
+    assert s["budget_exhausted"] and 0 < s["rows"] < rows and s["unsent"] == rows - s["rows"]
+    assert s["engine"]["cost_usd"] <= 5.0
     assert processes_with(str(tmp_path)) == []
     # resume, as with an endpoint: the rerun (no cap, fewer rows' worth of latency) sends
     # only the rows left, and every row ends with one result
-    engine_job(tmp_path, 20_000, {"command": engine_command(tmp_path, "--latency-ms 5"),
-                                  "resources": {"CPU": 1, "GPU": 1}},
+    engine_job(tmp_path, rows, {"command": engine_command(tmp_path, "--latency-ms 5"),
+                                "resources": {"CPU": 1, "GPU": 1}},
                price={"gpu_hour_usd": 360.0})
     rc, _, err = run_driver(spec, cluster.address, timeout=280)
     assert rc == 0, err[-3000:]
     again = summary_of(tmp_path)
-    assert again["rows"] == 20_000 and again["rows_this_run"] == 20_000 - s["rows"]
+    assert again["rows"] == rows and again["rows_this_run"] == rows - s["rows"]
     ids = Counter(r["id"] for r in _results(tmp_path))
-    assert len(ids) == 20_000 and max(ids.values()) == 1
+    assert len(ids) == rows and max(ids.values()) == 1
 
 
 def test_preflight_without_a_usable_gpu_fails_naming_the_replica(cluster: Cluster,
@@ -231,8 +233,10 @@ def test_preflight_without_a_usable_gpu_fails_naming_the_replica(cluster: Cluste
 
 
 def test_a_replica_that_stops_answering_is_restarted(cluster: Cluster, tmp_path: Path):
-    # SIGSTOP: the process lives, holds its port and answers nothing (a hung server)
-    spec = engine_job(tmp_path, 1500, {"command": engine_command(tmp_path, "--latency-ms 60")})
+    # SIGSTOP: the process lives, holds its port and answers nothing (a hung server); with
+    # 2 s health checks it is found in 3 x (1 + 2) s rather than the default 3 x (1 + 5) s
+    spec = engine_job(tmp_path, 1500, {"command": engine_command(tmp_path, "--latency-ms 60"),
+                                       "health_timeout_s": 2})
     p = start_driver(spec, cluster.address)
     try:
         wait_for(lambda: sum(len(r) for r in ledgers(tmp_path).values()) >= 100, 120,

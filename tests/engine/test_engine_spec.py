@@ -81,3 +81,8 @@ def test_engine_with_simulate(tmp_path: Path):
 def test_gpu_hour_price_without_engine(tmp_path: Path):
     msg = _cli_error(_spec(tmp_path, None, limits={"rpm": 60}, price={"gpu_hour_usd": 2.0}))
     assert "price.gpu_hour_usd prices an engine: job" in msg
+
+
+def test_health_timeout_must_be_positive(tmp_path: Path):
+    assert load_spec(_spec(tmp_path, {})).engine.health_timeout_s == 5.0  # type: ignore[union-attr]
+    assert "engine.health_timeout_s" in _cli_error(_spec(tmp_path, {"health_timeout_s": 0}))

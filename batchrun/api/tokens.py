@@ -49,7 +49,11 @@ def _encoding_for_model(model: str) -> Any:
 @lru_cache(maxsize=64)
 def _counter(model: str) -> Callable[[str], int]:
     """The fastest exact count for ``model``: the Rust tokenizer's own ``count`` (half the
-    time of ``encode_ordinary``, which builds the token list), else the length of that."""
+    time of ``encode_ordinary``, which builds the token list), else the length of that.
+
+    Unlike ``encode_ordinary``, ``count`` has no 200,000-token chunk limit: a text that
+    long gets its count (an input over a model's limit is then that row's error, as the
+    kinds check it) where ``encode_ordinary`` raised out of the shard reader."""
     enc = _encoding_for_model(model)
 
     def slow(text: str) -> int:
@@ -80,24 +84,24 @@ def count_text_tokens(text: str, model: str = "gpt-4.1") -> int:
 
 def count_chat_tokens(messages: list[dict[str, Any]], model: str = "gpt-4.1") -> int:
     """Prompt tokens of a chat request, as the provider bills them."""
-    enc = _encoding_for_model(model)
+    count = _counter(model)
     n = _TOKENS_TO_PRIME_REPLY
     for m in messages:
         n += _TOKENS_PER_MESSAGE
         for key in ("role", "content", "name"):
             value = m.get(key)
             if isinstance(value, str):
-                n += len(enc.encode_ordinary(value))
+                n += count(value)
             elif isinstance(value, list):  # content parts: text, images (OpenAI's rule)
-                n += _parts_tokens(enc, value)
+                n += _parts_tokens(count, value)
     return n
 
 
-def _parts_tokens(enc: Any, parts: list[Any]) -> int:
+def _parts_tokens(count: Callable[[str], int], parts: list[Any]) -> int:
     from batchrun.api.images import part_tokens
 
     n = 0
     for p in parts:
         text = p.get("text") if isinstance(p, dict) else None
-        n += len(enc.encode_ordinary(text)) if isinstance(text, str) else part_tokens(p)
+        n += count(text) if isinstance(text, str) else part_tokens(p)
     return n

@@ -26,7 +26,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchrun.api.protocols import kind_result_fields
 from batchrun.api.rawbody import is_raw_input
+from batchrun.api.records import RESULT_FIELDS
+from batchrun.api.registry import kind_for
 from batchrun.api.templates import template_columns
 from batchrun.errors import InputDataError, ResumeRefused, SpecError
 from batchrun.io import storage, stores
@@ -209,6 +212,7 @@ def validate_input(spec: JobSpec) -> list[str]:
     if _output_is_input(spec):
         raise SpecError(f"output: {spec.output} is inside the input {spec.input}: the next run "
                         "would read its results as input; choose an output folder outside it")
+    _check_carry_names(spec)
     files = input_files(spec)
     for path in files:
         pf = _open(path)
@@ -229,6 +233,15 @@ def validate_input(spec: JobSpec) -> list[str]:
                 )
             _check_type(path, name, schema.field(idx).type, kind)
     return files
+
+
+def _check_carry_names(spec: JobSpec) -> None:
+    """A carried column named like a result column would overwrite the row's result."""
+    taken = {f.name for f in RESULT_FIELDS} | {
+        f.name for f in kind_result_fields(kind_for(spec), spec)}
+    if clash := [c for c in spec.carry_columns if c in taken]:
+        raise SpecError(f"carry_columns: {clash[0]!r} is a result column already; remove it "
+                        "from carry_columns (or rename the input column)")
 
 
 def _file_shards(pf: pq.ParquetFile | RowFile, shard_rows: int) -> Iterator[tuple[int, int]]:

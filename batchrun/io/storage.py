@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import posixpath
 import tempfile
@@ -331,10 +332,42 @@ def commit_table(where: Where, table: pa.Table, *, fs: FS = None) -> None:
 def write_parquet(table: pa.Table, sink: Any) -> None:
     """The one way results are written as Parquet: float vectors (embeddings) get no
     dictionary (10x the cost, and larger) and no compression (snappy gains a few percent
-    on float mantissas, for about as much CPU as the rest of the file)."""
-    plain = [x.name for x in table.schema if not _is_vector(x.type)]
-    pq.write_table(table, sink, use_dictionary=plain, compression={
-        x.name: "snappy" if x.name in plain else "none" for x in table.schema})
+    on float mantissas, for about as much CPU as the rest of the file); every other
+    column keeps pyarrow's defaults (dictionary, snappy)."""
+    dictionary, compression = _encodings(table.schema)
+    pq.write_table(table, sink, use_dictionary=dictionary, compression=compression)
+
+
+@functools.lru_cache(maxsize=32)
+def _encodings(schema: pa.Schema) -> tuple[bool | list[str], str | dict[str, str]]:
+    """``use_dictionary`` and ``compression`` for ``schema``. Both name Parquet's leaf
+    columns (``embedding.list.element``, a struct's ``s.k``), and a column a dict leaves
+    out is left uncompressed: so every leaf is named, top-level field by field."""
+    vectors = [_is_vector(f.type) for f in schema]
+    if not any(vectors):
+        return True, "snappy"
+    buf = pa.BufferOutputStream()  # the leaves' names as the writer gives them
+    pq.write_table(schema.empty_table(), buf)
+    leaves = pq.ParquetFile(pa.BufferReader(buf.getvalue())).schema
+    paths = iter(leaves.column(i).path for i in range(len(leaves)))
+    plain: list[str] = []
+    codecs: dict[str, str] = {}
+    for f, vector in zip(schema, vectors, strict=True):
+        for path in (next(paths) for _ in range(_leaf_count(f.type))):
+            codecs[path] = "none" if vector else "snappy"
+            if not vector:
+                plain.append(path)
+    return plain, codecs
+
+
+def _leaf_count(typ: pa.DataType) -> int:
+    if pa.types.is_struct(typ):
+        return sum(_leaf_count(typ.field(i).type) for i in range(typ.num_fields))
+    if pa.types.is_map(typ):
+        return _leaf_count(typ.key_type) + _leaf_count(typ.item_type)
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+        return _leaf_count(typ.value_type)
+    return 1
 
 
 def _is_vector(typ: pa.DataType) -> bool:

@@ -156,9 +156,9 @@ class GroupRunner(RowRunner):
             self._permits.settle(usd, billed)
         self.breaker.success()
         # what the rows share, built once: a request carries up to 2,048 of them
-        shared = self._record(rows[0], started, attempts=t.attempt, wait_ms=t.wait * 1e3,
-                              latency_ms=(time.perf_counter() - t0) * 1e3,
-                              completion_tokens=0)
+        shared = {"model": self._spec.model, "status": "ok", "attempts": t.attempt,
+                  "started_at": started, "finished_at": _now(), "wait_ms": t.wait * 1e3,
+                  "latency_ms": (time.perf_counter() - t0) * 1e3, "completion_tokens": 0}
         row_usd: dict[int, float] = {}  # by token count: rows repeat a few counts
         out: list[dict[str, Any] | None] = []
         for row, tokens, fields in zip(rows, share_tokens(counts, c.prompt_tokens), c.extra,
@@ -166,7 +166,8 @@ class GroupRunner(RowRunner):
             if (usd_row := row_usd.get(tokens)) is None:
                 usd_row = row_usd[tokens] = (cost_usd(self._price, tokens, 0)
                                              if self._price else 0.0)
-            rec = {**shared, "id": row.id, **row.carry, "prompt_tokens": tokens,
+            # carried columns first: a result field of the same name is not theirs to set
+            rec = {**row.carry, **shared, "id": row.id, "prompt_tokens": tokens,
                    "total_tokens": tokens, "cost_usd": usd_row}
             if wrong := self._wrong_size(fields):
                 rec.update(status="error", error_type="malformed_body", error_message=wrong,

@@ -25,12 +25,11 @@ def request_latencies(recs: list[dict[str, Any]]) -> list[float]:
     answered (embeddings: up to 2,048) share its latency and sit side by side: it counts
     once, as the one request it was, not once per row."""
     out: list[float] = []
-    last = None
-    for rec in recs:
+    for rec in recs:  # an error row inside a request (a bad row) has no latency: skipped
         latency = rec.get("latency_ms")
-        if latency is not None and latency != last and rec.get("status") == "ok":
+        if latency is not None and rec.get("status") == "ok" and (
+                not out or latency != out[-1]):
             out.append(latency)
-        last = latency
     return out
 
 

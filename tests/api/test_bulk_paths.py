@@ -14,7 +14,7 @@ import pytest
 
 from batchrun.api.embeddings import EmbeddingsKind
 from batchrun.api.records import records_table
-from batchrun.api.tokens import _encoding_for_model, count_text_tokens
+from batchrun.api.tokens import _encoding_for_model, count_chat_tokens, count_text_tokens
 from batchrun.errors import RetryableError
 from batchrun.io import storage
 from batchrun.online.metrics import request_latencies
@@ -75,14 +75,37 @@ def test_token_count_fast_path_equals_the_encoding(text: str) -> None:
             _encoding_for_model(model).encode_ordinary(text))
 
 
+def test_chat_counts_and_a_text_past_the_encoders_chunk_limit() -> None:
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "日本語 and code: f(x)"}]}]
+    enc = _encoding_for_model("gpt-4.1")
+    framing = 3 + 3 * len(msgs) + sum(len(enc.encode_ordinary(m["role"])) for m in msgs)
+    assert count_chat_tokens(msgs, "gpt-4.1") == framing + len(enc.encode_ordinary(
+        "Be brief.")) + len(enc.encode_ordinary("日本語 and code: f(x)"))
+    long = "a" + " a" * 300_000  # 300,001 tokens in 600,001 characters
+    with pytest.raises(Exception, match="chunk limit"):  # the encoder refuses it whole
+        enc.encode_ordinary(long)
+    assert count_text_tokens(long, "gpt-4.1") == 300_001
+
+
 def test_vector_columns_are_written_without_dictionary_or_compression(tmp_path: Path) -> None:
     t = records_table(_rows(np.ones(3, "<f4"), np.zeros(3, "<f4")), SCHEMA)
+    # nested columns that are not vectors (structured outputs' lists, carried structs)
+    t = t.append_column("tags", pa.array([["a", "b"], ["a"]])).append_column(
+        "s", pa.array([{"k": 1, "m": [1.5]}, {"k": 2, "m": [2.5]}]))
     storage.commit_table(tmp_path / "t.parquet", t)
     meta = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
-    codecs = {meta.column(i).path_in_schema: meta.column(i).compression
-              for i in range(meta.num_columns)}
-    assert codecs == {"id": "SNAPPY", "embedding.list.element": "UNCOMPRESSED", "n": "SNAPPY"}
+    cols = [meta.column(i) for i in range(meta.num_columns)]
+    assert {c.path_in_schema: c.compression for c in cols} == {
+        "id": "SNAPPY", "embedding.list.element": "UNCOMPRESSED", "n": "SNAPPY",
+        "tags.list.element": "SNAPPY", "s.k": "SNAPPY", "s.m.list.element": "SNAPPY"}
+    assert [c.path_in_schema for c in cols if c.has_dictionary_page] == [
+        "id", "n", "tags.list.element", "s.k", "s.m.list.element"]
     assert pq.read_table(tmp_path / "t.parquet").equals(t)
+    plain = pa.table({"id": ["a"], "tags": [["x"]]})  # no vector: pyarrow's defaults
+    storage.commit_table(tmp_path / "p.parquet", plain)
+    meta = pq.ParquetFile(tmp_path / "p.parquet").metadata.row_group(0)
+    assert {meta.column(i).compression for i in range(meta.num_columns)} == {"SNAPPY"}
 
 
 def test_a_request_latency_counts_once_for_all_the_rows_it_answered() -> None:
@@ -90,6 +113,8 @@ def test_a_request_latency_counts_once_for_all_the_rows_it_answered() -> None:
     recs = [*group, {"status": "ok", "latency_ms": 7.0}, {"status": "error", "latency_ms": 3.0},
             {"status": "ok", "latency_ms": None}, *[{"status": "ok", "latency_ms": 12.5}] * 2]
     assert request_latencies(recs) == [12.5, 7.0, 12.5]
+    bad = {"status": "error", "error_type": "bad_row", "latency_ms": None}
+    assert request_latencies([group[0], bad, group[0]]) == [12.5]  # one request, a bad row
 
 
 def test_simulated_vectors_in_bulk_equal_one_by_one() -> None:

@@ -59,6 +59,8 @@ CASES = {
                                 "api_key_env": "BATCHRUN_TEST_UNSET_KEY"}},
                   ["endpoint.api_key_env", "BATCHRUN_TEST_UNSET_KEY"]),
     "unpriced model": ({"model": "my-private-model"}, ["price", "my-private-model"]),
+    # the carried value would overwrite the row's own id in its result
+    "carry a result column": ({"carry_columns": ["topic", "id"]}, ["carry_columns", "'id'"]),
 }
 
 

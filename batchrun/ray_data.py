@@ -27,6 +27,7 @@ that node has it, else a reference to the object the driver put (never a task ar
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import secrets
@@ -289,6 +290,11 @@ def complete(ds: Dataset, spec: JobSpec | Mapping[str, Any] | str | Path, *,
     limiter = RateLimiter.options(name=name).remote(  # type: ignore[attr-defined]
         spec.name, spec.limits.rpm, spec.limits.tpm, budget,
         input_tpm=spec.limits.input_tpm, output_tpm=spec.limits.output_tpm)
+    if budget is not None and budget.daily_usd is not None:
+        # Unspent daily allowance goes back when the plan is dropped (the limiter's
+        # __ray_shutdown__), else when this process exits: by name, as a handle kept
+        # here would keep the limiter alive until then
+        atexit.register(_close_limiter, name)
     # A reference inside a list: Ray passes the reference, not the key, to the actors
     key_box = [ray.put(key) if key else None]
     most = concurrency[1] if isinstance(concurrency, tuple) else concurrency
@@ -299,3 +305,11 @@ def complete(ds: Dataset, spec: JobSpec | Mapping[str, Any] | str | Path, *,
         _Complete, batch_format="pyarrow", batch_size=batch_size, compute=pool,
         num_cpus=num_cpus, zero_copy_batch=True,
         fn_constructor_args=(spec, limiter, key_box, lanes, budget is not None, structured))
+
+
+def _close_limiter(name: str) -> None:
+    """Close a pipeline's limiter if it is still there (at this process's exit)."""
+    if not ray.is_initialized():
+        return
+    with contextlib.suppress(ValueError, ray.exceptions.RayError, TimeoutError):  # gone
+        ray.get(ray.get_actor(name).close.remote(), timeout=30)

@@ -57,6 +57,7 @@ class RateLimiter:
                 self._gate.charge_crashed_run()
                 self._gate.start()
         self._leases = 0
+        self._closed = False
 
     def _recover(self, job: str) -> None:
         """Rebuild the window log from the workers' own record of their recent sends, and
@@ -134,10 +135,17 @@ class RateLimiter:
 
     def close(self) -> dict[str, Any]:
         """Write what was settled and hand unused daily allowance back (every request has
-        come back by now); returns the final figures."""
-        if self._gate is not None:
+        come back by now); returns the final figures. Once: a later call only reports."""
+        if self._gate is not None and not self._closed:
+            self._closed = True
             self._gate.close(release_all=True)
         return self.stats()
+
+    def __ray_shutdown__(self) -> None:
+        """Ray calls this when the actor ends because its last handle is gone (a Ray Data
+        pipeline's limiter, ``batchrun.ray_data``, when its plan is dropped): the unused
+        allowance goes back then, not charged to the next run. Not after ``ray.kill``."""
+        self.close()
 
     def pause(self, seconds: float) -> None:
         self._sched.pause_until(time.monotonic() + seconds)

@@ -82,3 +82,46 @@ def test_leases_are_granted_while_another_process_holds_the_ledger(
     # the 40 settled at half their reservation; the last one's reservation is released
     assert totals["spent"] == pytest.approx(0.02) and totals["reserved"] == 0.0
     assert BLOCK_USD == 0.05  # the figures above assume it
+
+
+def _reserved(folder: Path) -> float:
+    return DailyLedger(folder, "UTC", 1.0).totals()["reserved"]
+
+
+def test_a_limiter_whose_last_handle_goes_hands_the_allowance_back(tmp_path: Path) -> None:
+    """A Ray Data pipeline's limiter is never closed by a driver: it ends when its plan is
+    dropped, and its __ray_shutdown__ gives back the block it drew (not charged later)."""
+    import gc
+    import time
+
+    folder = tmp_path / "ledger"
+    cfg = BudgetConfig(job_cap_usd=None, daily_usd=1.0, ledger_dir=str(folder), job_id="j2")
+    actor = RateLimiter.options(name=limiter_name("t-gate-scope")).remote(  # type: ignore[attr-defined]
+        "t-gate-scope", 1_000_000, None, cfg)
+    assert _lease(actor, 2, 0.001, []) == 2
+    assert _reserved(folder) == pytest.approx(BLOCK_USD)  # the block drawn at start
+    del actor
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while _reserved(folder) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # the two unsettled requests are released with the rest: nothing stays reserved
+    assert _reserved(folder) == 0.0
+
+
+def test_a_pipelines_limiter_is_closed_by_name_at_exit(tmp_path: Path) -> None:
+    from batchrun.ray_data import _close_limiter
+
+    folder = tmp_path / "ledger"
+    cfg = BudgetConfig(job_cap_usd=None, daily_usd=1.0, ledger_dir=str(folder), job_id="j3")
+    name = limiter_name("t-gate-exit")
+    actor = RateLimiter.options(name=name).remote("t-gate-exit", 1_000_000, None, cfg)  # type: ignore[attr-defined]
+    try:
+        assert ray.get(actor.stats.remote(), timeout=60)["ledger_draws"] == 1
+        assert _reserved(folder) == pytest.approx(BLOCK_USD)
+        _close_limiter(name)
+        assert _reserved(folder) == 0.0
+        _close_limiter(name)  # closed once: a second close only reports
+        _close_limiter(limiter_name("t-gate-never-made"))  # gone already: nothing to do
+    finally:
+        ray.kill(actor, no_restart=True)

@@ -76,6 +76,25 @@ def write_spec(folder: Path, **overrides: Any) -> Path:
     return path
 
 
+def batch_spec(folder: Path, api: str, base_url: str, key_env: str, model: str,
+               n: int = 90, **batch: Any) -> Any:
+    """A batch-mode job of ``n`` prompts on ``api``: 30 requests a file, shards of 40."""
+    from batchrun.spec import load_spec
+
+    make_prompts(folder / "in.parquet", n, row_group=50)
+    settings = {"max_requests_per_file": 30, "poll_interval_s": 0.2, **batch}
+    return load_spec(write_spec(folder, mode="batch", batch=settings, shard_rows=40,
+                                model=model, system_prompt="Be brief.",
+                                endpoint={"api": api, "base_url": base_url,
+                                          "api_key_env": key_env}))
+
+
+def result_rows(spec: Any) -> list[dict[str, Any]]:
+    """Every row of the job's final results files (none yet: empty)."""
+    files = sorted((Path(spec.output) / "results").glob("shard-*.parquet"))
+    return pq.read_table(files).to_pylist() if files else []
+
+
 class _Stub(BaseHTTPRequestHandler):
     """Answers every GET and POST with one status and an OpenAI-shaped error body."""
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 
 from batchrun.api import registry
@@ -25,7 +24,7 @@ from batchrun.money.pricing import cost_usd, price_for
 from batchrun.sim import MockConfig, RunningServer, start_in_thread
 from batchrun.sim.anthropic_batches import MESSAGE_BATCHES
 from batchrun.spec import JobSpec, load_spec
-from tests.conftest import make_prompts, write_spec
+from tests.conftest import batch_spec, result_rows, write_spec
 
 KEY_ENV = "BATCHRUN_TEST_ANTHROPIC_KEY"
 KEY = "sk-ant-batch-secret-123"
@@ -39,21 +38,11 @@ def _key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _spec(tmp_path: Path, base_url: str, n: int = 90, **batch: Any) -> JobSpec:
-    make_prompts(tmp_path / "in.parquet", n, row_group=50)
-    settings = {"max_requests_per_file": 30, "poll_interval_s": 0.2, **batch}
-    path = write_spec(tmp_path, mode="batch", batch=settings, shard_rows=40, model=MODEL,
-                      system_prompt="Be brief.",
-                      endpoint={"api": "anthropic", "base_url": base_url, "api_key_env": KEY_ENV})
-    return load_spec(path)
-
-
-def _results(spec: JobSpec) -> list[dict[str, Any]]:
-    files = sorted((Path(spec.output) / "results").glob("shard-*.parquet"))
-    return pq.read_table(files).to_pylist() if files else []
+    return batch_spec(tmp_path, "anthropic", base_url, KEY_ENV, MODEL, n, **batch)
 
 
 def _one_ok_result_per_row(spec: JobSpec, n: int) -> list[dict[str, Any]]:
-    rows = _results(spec)
+    rows = result_rows(spec)
     assert sorted(r["id"] for r in rows) == [f"r{i:06d}" for i in range(n)]
     assert all(r["status"] == "ok" and r["response"] and r["batch_id"].startswith("msgbatch_")
                for r in rows)
@@ -72,7 +61,7 @@ def test_chunks_errors_expired_requests_and_batch_prices(tmp_path: Path) -> None
         out = run_batch_job(spec, wait=True, initial_poll_s=0.05)
         stats = srv.stats()
     assert out.pending == 0 and len(out.batches) > 3  # the failed and expired went again
-    rows = _results(spec)
+    rows = result_rows(spec)
     assert sorted(r["id"] for r in rows) == [f"r{i:06d}" for i in range(90)]
     ok = [r for r in rows if r["status"] == "ok"]
     # an invalid_request_error is the row's own: recorded, not retried; api_error is retried
@@ -149,7 +138,7 @@ def test_crash_between_create_and_record_makes_no_second_batch(tmp_path: Path,
         spec = _spec(tmp_path, srv.url)
         _kill_while_create_is_answered(tmp_path, srv)
         steps = [c["step"] for c in _state(spec)["chunks"]]
-        assert "uploaded" in steps and _results(spec) == []
+        assert "uploaded" in steps and result_rows(spec) == []
         intent = next(c for c in _state(spec)["chunks"] if c["step"] == "uploaded")
         assert intent["intent_at"] and intent["batch_id"] is None
         _decoy(srv, intent["n_requests"])  # same size, newer: only custom_ids tell it apart

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 
 from batchrun.api.client import ApiClient, open_session
@@ -28,8 +27,8 @@ from batchrun.errors import FatalRequestError, RetryableError, SpecError
 from batchrun.money.pricing import cost_usd, price_for
 from batchrun.sim import MockConfig, start_in_thread
 from batchrun.sim.gemini import GEMINI_BATCHES
-from batchrun.spec import GenerationSpec, JobSpec, load_spec
-from tests.conftest import make_prompts, write_spec
+from batchrun.spec import GenerationSpec, JobSpec
+from tests.conftest import batch_spec, result_rows
 
 KEY_ENV = "BATCHRUN_TEST_GEMINI_KEY"
 KEY = "AIza-test-gemini-secret"
@@ -44,17 +43,7 @@ def _key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _spec(tmp_path: Path, base_url: str, n: int = 90, **batch: Any) -> JobSpec:
-    make_prompts(tmp_path / "in.parquet", n, row_group=50)
-    settings = {"max_requests_per_file": 30, "poll_interval_s": 0.2, **batch}
-    path = write_spec(tmp_path, mode="batch", batch=settings, shard_rows=40, model=MODEL,
-                      system_prompt="Be brief.",
-                      endpoint={"api": "gemini", "base_url": base_url, "api_key_env": KEY_ENV})
-    return load_spec(path)
-
-
-def _results(spec: JobSpec) -> list[dict[str, Any]]:
-    files = sorted((Path(spec.output) / "results").glob("shard-*.parquet"))
-    return pq.read_table(files).to_pylist() if files else []
+    return batch_spec(tmp_path, "gemini", base_url, KEY_ENV, MODEL, n, **batch)
 
 
 def test_body_and_parse(tmp_path: Path) -> None:
@@ -108,7 +97,7 @@ def test_batches_errors_expiry_and_batch_prices(tmp_path: Path) -> None:
         out = run_batch_job(spec, wait=True, initial_poll_s=0.05)
         stats = srv.stats()
     assert out.pending == 0 and len(out.batches) > 3  # expired and failed rows went again
-    rows = _results(spec)
+    rows = result_rows(spec)
     assert sorted(r["id"] for r in rows) == [f"r{i:06d}" for i in range(90)]
     ok = [r for r in rows if r["status"] == "ok"]
     assert {r["error_type"] for r in rows if r["status"] != "ok"} <= {"rpc_3"}
@@ -155,7 +144,7 @@ def test_crash_between_create_and_record_makes_no_second_batch(tmp_path: Path) -
         out = run_batch_job(spec, wait=True, initial_poll_s=0.05)
         stats = srv.stats()
     assert out.pending == 0 and stats["by_outcome"] == {"batch_created": 3, "ok": 90}
-    assert stats["duplicate_ok_prompts"] == 0 and len(_results(spec)) == 90
+    assert stats["duplicate_ok_prompts"] == 0 and len(result_rows(spec)) == 90
 
 
 def test_chunks_fit_the_inline_cap(tmp_path: Path) -> None:
